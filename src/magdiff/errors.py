@@ -1,0 +1,11 @@
+"""The one exception type magdiff raises for bad user input."""
+
+from __future__ import annotations
+
+
+class MagDiffInputError(ValueError):
+    """Raised for invalid user input (missing or corrupt files, wrong sizes, empty masks, unknown options).
+
+    The message always says what was wrong and what to do about it. The CLI prints it as a single line and exits
+    with status 2; nothing is written to the output path when it is raised.
+    """
