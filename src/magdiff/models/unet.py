@@ -1,0 +1,435 @@
+"""The MagDiff video U-Net: diffusers' ``UNetMotionModel`` with the three alignments built in.
+
+Read top to bottom: the conditioning dataclass, the model (construction, conversion from a base U-Net, the
+subject encoders, ``forward``), then the trainable-parameter selection of the paper.
+
+- SDA: ``F`` subject slots, one per frame. Generation fills slot 0, editing fills every slot; empty slots hold an
+  all-black image. The slots reach the model twice: as image tokens (APA) and as VAE latents (HFA).
+- APA: every spatial cross-attention (``attn2`` of the spatial transformer blocks, never the motion modules) is an
+  :class:`~magdiff.models.attention.APAAttnProcessor`. Its context is ``[text tokens | 16 x F image tokens]``; every
+  frame sees the tokens of all slots, so a subject in slot 0 conditions the whole clip.
+- HFA: the fused subject latent is concatenated with the noisy latent; ``conv_in`` is widened from
+  ``in_channels`` to ``2 * in_channels`` with zero weights on the new channels, so a fresh model computes exactly
+  what its base computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNetMotionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from diffusers.models.unets.unet_motion_model import UNetMotionOutput
+from torch import nn
+
+from .attention import APA_MODES, APAAttnProcessor
+from .hfa import HFA_MODES, HFAPyramidFusion
+
+# Parameters that are new in MagDiff (absent from a base ``UNetMotionModel``), by name prefix or fragment.
+_NEW_PARAMETER_FRAGMENTS = ("resampler.", "hfa_fusion.", ".processor.to_k_ip.", ".processor.to_v_ip.",
+                            ".processor.a_img", ".processor.a_txt")
+
+
+@dataclass
+class SubjectConditioning:
+    """What the subject slots contribute to one denoising step; computed once per sampling run.
+
+    Attributes:
+        image_tokens: (b, F * num_image_tokens, cross_attention_dim), the APA context after the text.
+        hfa_latents: (b, in_channels, F, h, w) fused HFA latents, or ``None`` when ``hfa="off"``.
+    """
+
+    image_tokens: torch.Tensor
+    hfa_latents: torch.Tensor | None
+
+    def repeat(self, times: int) -> SubjectConditioning:
+        """Repeat along the batch axis (classifier-free guidance branches share the subject conditioning)."""
+        hfa_latents = None if self.hfa_latents is None else self.hfa_latents.repeat(times, 1, 1, 1, 1)
+        return SubjectConditioning(self.image_tokens.repeat(times, 1, 1), hfa_latents)
+
+    @staticmethod
+    def cat(items: list[SubjectConditioning]) -> SubjectConditioning:
+        hfa = None if items[0].hfa_latents is None else torch.cat([item.hfa_latents for item in items])
+        return SubjectConditioning(torch.cat([item.image_tokens for item in items]), hfa)
+
+
+def is_spatial_cross_attention(name: str, module: nn.Module) -> bool:
+    """True for the ``attn2`` of a spatial transformer block (where APA goes); False for the motion modules."""
+    return isinstance(module, Attention) and name.endswith(".attn2") and ".attentions." in name and (
+        "motion_modules" not in name
+    )
+
+
+class MagDiffUNetModel(UNetMotionModel):
+    r"""A ``UNetMotionModel`` with subject-driven (SDA), adaptive prompts (APA) and high-fidelity (HFA) alignment.
+
+    All arguments of ``UNetMotionModel`` keep their meaning; ``in_channels`` is the number of channels of the noisy
+    latent (the widened ``conv_in`` takes ``2 * in_channels`` when HFA is on). MagDiff arguments:
+
+    Args:
+        apa: ``"learned"`` (APA, trainable per-layer weights) or ``"fixed"`` (the paper's fixed-prompts baseline:
+            both weights 1.0 and frozen).
+        apa_image_weight_init: initial ``a_img`` (1.5 in the authors' code); ignored when ``apa="fixed"``.
+        apa_text_weight_init: initial ``a_txt`` (1.0 in the authors' code); ignored when ``apa="fixed"``.
+        hfa: ``"pyramid"`` (1x/1.25x/1.5x latents fused by convs), ``"single"`` (the authors' released code: the
+            1x latent concatenated as is) or ``"off"``.
+        hfa_scales: pyramid scales, relative to the video size.
+        hfa_hidden_channels: channels of each scale's alignment conv.
+        image_embed_dim: channel size of the image encoder's hidden states (1280 for OpenCLIP ViT-H/14).
+        image_encoder_hidden_layer: which hidden state of the image encoder feeds the Resampler (-1: the last layer,
+            as in the paper; -2 for IP-Adapter-Plus weights, which were trained on the penultimate layer).
+        num_image_tokens: Resampler queries = image tokens per subject slot (16).
+        resampler_hidden_dim, resampler_depth, resampler_heads, resampler_dim_head: Resampler shape
+            (IP-Adapter-Plus for SD 1.5: 768, 4, 12, 64).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlockMotion",
+            "CrossAttnDownBlockMotion",
+            "CrossAttnDownBlockMotion",
+            "DownBlockMotion",
+        ),
+        up_block_types: tuple[str, ...] = (
+            "UpBlockMotion",
+            "CrossAttnUpBlockMotion",
+            "CrossAttnUpBlockMotion",
+            "CrossAttnUpBlockMotion",
+        ),
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        act_fn: str = "silu",
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 768,
+        transformer_layers_per_block: int | tuple[int] | tuple[tuple] = 1,
+        reverse_transformer_layers_per_block: int | tuple[int] | tuple[tuple] | None = None,
+        temporal_transformer_layers_per_block: int | tuple[int] | tuple[tuple] = 1,
+        reverse_temporal_transformer_layers_per_block: int | tuple[int] | tuple[tuple] | None = None,
+        transformer_layers_per_mid_block: int | tuple[int] | None = None,
+        temporal_transformer_layers_per_mid_block: int | tuple[int] | None = 1,
+        use_linear_projection: bool = False,
+        num_attention_heads: int | tuple[int, ...] = 8,
+        motion_max_seq_length: int = 32,
+        motion_num_attention_heads: int | tuple[int, ...] = 8,
+        reverse_motion_num_attention_heads: int | tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None,
+        use_motion_mid_block: bool = True,
+        mid_block_layers: int = 1,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        projection_class_embeddings_input_dim: int | None = None,
+        time_cond_proj_dim: int | None = None,
+        # MagDiff
+        apa: str = "learned",
+        apa_image_weight_init: float = 1.5,
+        apa_text_weight_init: float = 1.0,
+        hfa: str = "pyramid",
+        hfa_scales: tuple[float, ...] = (1.0, 1.25, 1.5),
+        hfa_hidden_channels: int = 32,
+        image_embed_dim: int = 1280,
+        image_encoder_hidden_layer: int = -1,
+        num_image_tokens: int = 16,
+        resampler_hidden_dim: int = 768,
+        resampler_depth: int = 4,
+        resampler_heads: int = 12,
+        resampler_dim_head: int = 64,
+    ) -> None:
+        if apa not in APA_MODES:
+            raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
+        if hfa not in HFA_MODES:
+            raise ValueError(f"Unknown hfa mode {hfa!r}; choose one of {HFA_MODES}.")
+        if encoder_hid_dim_type is not None:
+            raise ValueError("MagDiffUNetModel owns its image projection (the Resampler); encoder_hid_dim_type must "
+                             "be None. Use MagDiffUNetModel.from_unet_motion() to convert an IP-Adapter U-Net.")
+        super().__init__(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            downsample_padding=downsample_padding,
+            mid_block_scale_factor=mid_block_scale_factor,
+            act_fn=act_fn,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block,
+            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
+            temporal_transformer_layers_per_block=temporal_transformer_layers_per_block,
+            reverse_temporal_transformer_layers_per_block=reverse_temporal_transformer_layers_per_block,
+            transformer_layers_per_mid_block=transformer_layers_per_mid_block,
+            temporal_transformer_layers_per_mid_block=temporal_transformer_layers_per_mid_block,
+            use_linear_projection=use_linear_projection,
+            num_attention_heads=num_attention_heads,
+            motion_max_seq_length=motion_max_seq_length,
+            motion_num_attention_heads=motion_num_attention_heads,
+            reverse_motion_num_attention_heads=reverse_motion_num_attention_heads,
+            use_motion_mid_block=use_motion_mid_block,
+            mid_block_layers=mid_block_layers,
+            encoder_hid_dim=encoder_hid_dim,
+            encoder_hid_dim_type=None,
+            addition_embed_type=addition_embed_type,
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            time_cond_proj_dim=time_cond_proj_dim,
+        )
+
+        # HFA: widen conv_in to take [noisy latent | fused subject latent]; new channels start at zero.
+        if hfa != "off":
+            base_conv = self.conv_in
+            self.conv_in = nn.Conv2d(2 * in_channels, base_conv.out_channels, kernel_size=base_conv.kernel_size,
+                                     padding=base_conv.padding)
+            with torch.no_grad():
+                self.conv_in.weight[:, in_channels:].zero_()
+        self.hfa_fusion = (
+            HFAPyramidFusion(in_channels, hfa_hidden_channels, len(hfa_scales)) if hfa == "pyramid" else None
+        )
+
+        # Image-token path: per-slot Resampler, shaped like IP-Adapter-Plus's image projection.
+        self.resampler = IPAdapterPlusImageProjection(
+            embed_dims=image_embed_dim,
+            output_dims=cross_attention_dim,
+            hidden_dims=resampler_hidden_dim,
+            depth=resampler_depth,
+            dim_head=resampler_dim_head,
+            heads=resampler_heads,
+            num_queries=num_image_tokens,
+        )
+
+        # APA: every spatial cross-attention gets a decoupled text/image processor (created here, from the
+        # config, so save_pretrained/from_pretrained keep its weights).
+        learned = apa == "learned"
+        a_img, a_txt = (apa_image_weight_init, apa_text_weight_init) if learned else (1.0, 1.0)
+        for name, module in self.named_modules():
+            if is_spatial_cross_attention(name, module):
+                module.set_processor(
+                    APAAttnProcessor(module.to_k.out_features, module.to_k.in_features, a_img, a_txt, learned)
+                )
+
+    # ------------------------------------------------------------------ construction from public parts
+
+    @classmethod
+    def from_unet_motion(cls, unet: UNetMotionModel, **magdiff_kwargs: object) -> MagDiffUNetModel:
+        """Build a MagDiff U-Net around a base ``UNetMotionModel`` (e.g. SD 1.5 + an AnimateDiff motion adapter).
+
+        Every base weight is copied; ``conv_in`` keeps the base weights in its first ``in_channels`` inputs. If the
+        base carries IP-Adapter-Plus weights (loaded with diffusers' ``load_ip_adapter``), its image projection
+        becomes the Resampler and its ``to_k_ip`` / ``to_v_ip`` the APA image projections. A base weight that finds
+        no place, or a MagDiff weight that is neither new nor filled, is an error.
+        """
+        config = dict(unet.config)
+        config = {key: value for key, value in config.items() if not key.startswith("_")}
+        ip_projection = None
+        if config.get("encoder_hid_dim_type") == "ip_image_proj":
+            ip_projection = unet.encoder_hid_proj.image_projection_layers[0]
+            if not isinstance(ip_projection, IPAdapterPlusImageProjection):
+                raise ValueError(f"Only IP-Adapter-Plus image projections can seed the Resampler, got "
+                                 f"{type(ip_projection).__name__}.")
+            config.update(
+                encoder_hid_dim_type=None,
+                encoder_hid_dim=None,
+                image_embed_dim=ip_projection.proj_in.in_features,
+                num_image_tokens=ip_projection.latents.shape[1],
+                resampler_hidden_dim=ip_projection.latents.shape[2],
+                resampler_depth=len(ip_projection.layers),
+                resampler_heads=ip_projection.layers[0].attn.heads,
+                resampler_dim_head=ip_projection.layers[0].attn.to_q.out_features // ip_projection.layers[0].attn.heads,
+                # IP-Adapter-Plus was trained on the image encoder's penultimate hidden state.
+                image_encoder_hidden_layer=-2,
+            )
+        config.update(magdiff_kwargs)
+        model = cls(**config)
+
+        base_state = {k: v for k, v in unet.state_dict().items() if not k.startswith("encoder_hid_proj.")
+                      and ".processor." not in k}
+        in_channels = model.config.in_channels
+        if model.config.hfa != "off":
+            conv_weight = model.conv_in.weight.detach().clone()
+            conv_weight[:, :in_channels] = base_state["conv_in.weight"]
+            conv_weight[:, in_channels:] = 0.0
+            base_state["conv_in.weight"] = conv_weight
+        missing, unexpected = model.load_state_dict(base_state, strict=False)
+        if unexpected:
+            raise ValueError(f"Base U-Net weights with no place in MagDiffUNetModel: {unexpected[:5]} ...")
+        unfilled = [key for key in missing if not any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS)]
+        if unfilled:
+            raise ValueError(f"MagDiffUNetModel weights not filled from the base U-Net: {unfilled[:5]} ...")
+
+        if ip_projection is not None:
+            model.resampler.load_state_dict(ip_projection.state_dict())
+            model._load_ip_projections(unet)
+        return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)
+
+    def _load_ip_projections(self, unet: UNetMotionModel) -> None:
+        """Copy ``to_k_ip`` / ``to_v_ip`` of IP-Adapter processors into the APA processors of the same layers."""
+        ip_processors = unet.attn_processors
+        for name, processor in self.attn_processors.items():
+            if not isinstance(processor, APAAttnProcessor):
+                continue
+            source = ip_processors.get(name)
+            if source is None or not hasattr(source, "to_k_ip"):
+                raise ValueError(f"The base U-Net has no IP-Adapter projections for layer {name}.")
+            processor.to_k_ip.load_state_dict(source.to_k_ip[0].state_dict())
+            processor.to_v_ip.load_state_dict(source.to_v_ip[0].state_dict())
+
+    # ------------------------------------------------------------------ APA weights
+
+    def apa_processors(self) -> dict[str, APAAttnProcessor]:
+        return {name: proc for name, proc in self.attn_processors.items() if isinstance(proc, APAAttnProcessor)}
+
+    def set_apa_weights(self, a_img: float | None = None, a_txt: float | None = None) -> None:
+        """Set ``a_img`` and/or ``a_txt`` of every APA layer (e.g. ``a_img=0`` switches the image branch off)."""
+        with torch.no_grad():
+            for processor in self.apa_processors().values():
+                if a_img is not None:
+                    processor.a_img.fill_(a_img)
+                if a_txt is not None:
+                    processor.a_txt.fill_(a_txt)
+
+    def apa_weights(self) -> dict[str, tuple[float, float]]:
+        """``{layer: (a_img, a_txt)}`` of every APA layer."""
+        return {
+            name.removesuffix(".processor"): (float(proc.a_img.detach()), float(proc.a_txt.detach()))
+            for name, proc in self.apa_processors().items()
+        }
+
+    # ------------------------------------------------------------------ subject encoders
+
+    def encode_image_tokens(self, subject_embeds: torch.Tensor) -> torch.Tensor:
+        """Image-encoder hidden states of the F slots (b, F, n, d) -> APA image tokens (b, F * 16, c)."""
+        batch_size, num_slots = subject_embeds.shape[:2]
+        tokens = self.resampler(subject_embeds.flatten(0, 1))  # (b*F, 16, c)
+        return tokens.reshape(batch_size, num_slots * tokens.shape[1], tokens.shape[2])  # (b, F*16, c)
+
+    def fuse_subject_latents(self, subject_latents: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
+        """VAE latents of the F slots at each pyramid scale, each (b, c, F, h_s, w_s) -> (b, c, F, h, w)."""
+        hfa = self.config.hfa
+        if hfa == "off":
+            return None
+        expected = len(self.config.hfa_scales) if hfa == "pyramid" else 1
+        if len(subject_latents) < expected:
+            raise ValueError(f"hfa={hfa!r} needs {expected} subject latent scale(s), got {len(subject_latents)}.")
+        batch_size, channels, num_slots = subject_latents[0].shape[:3]
+        per_slot = [lat.permute(0, 2, 1, 3, 4).flatten(0, 1) for lat in subject_latents[:expected]]  # (b*F, c, h, w)
+        if hfa == "pyramid":
+            fused = self.hfa_fusion(per_slot, size)  # (b*F, c, h, w)
+        else:
+            fused = per_slot[0]
+            if fused.shape[-2:] != size:
+                raise ValueError(f"hfa='single' needs the 1x subject latent at {size}, got {tuple(fused.shape[-2:])}.")
+        return fused.reshape(batch_size, num_slots, channels, *size).permute(0, 2, 1, 3, 4)  # (b, c, F, h, w)
+
+    def encode_subject(self, subject_embeds: torch.Tensor, subject_latents: list[torch.Tensor] | None,
+                       size: tuple[int, int]) -> SubjectConditioning:
+        """Both subject encodings for a sampling run or a training step."""
+        image_tokens = self.encode_image_tokens(subject_embeds)
+        hfa_latents = None if self.config.hfa == "off" else self.fuse_subject_latents(subject_latents or [], size)
+        return SubjectConditioning(image_tokens, hfa_latents)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        subject: SubjectConditioning | None = None,
+        subject_embeds: torch.Tensor | None = None,
+        subject_latents: list[torch.Tensor] | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNetMotionOutput | tuple[torch.Tensor]:
+        r"""Predict the noise of a video latent.
+
+        Args:
+            sample: noisy latents (b, in_channels, F, h, w).
+            timestep: diffusion timestep(s).
+            encoder_hidden_states: text tokens (b, n_txt, c), or already repeated per frame (b * F, n_txt, c).
+            subject: precomputed :class:`SubjectConditioning` (from :meth:`encode_subject`), or
+            subject_embeds: image-encoder hidden states of the slots (b, F, n, d) and
+            subject_latents: their VAE latents, one (b, in_channels, F, h_s, w_s) per pyramid scale.
+            Without any subject input the image branch is skipped and the HFA channels get zeros.
+        """
+        batch_size, _, num_frames, height, width = sample.shape
+        if subject is None and subject_embeds is not None:
+            subject = self.encode_subject(subject_embeds, subject_latents, (height, width))
+        elif subject is not None and subject_embeds is not None:
+            raise ValueError("Pass either `subject` or `subject_embeds`/`subject_latents`, not both.")
+
+        # SDA/HFA: channel-concatenate the fused subject latent with the noisy latent.
+        if self.config.hfa != "off":
+            hfa_latents = torch.zeros_like(sample) if subject is None else subject.hfa_latents.to(sample.dtype)
+            sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2*c, F, h, w)
+
+        # Text tokens per frame, then the APA context (text, image tokens) with every slot's tokens per frame.
+        if encoder_hidden_states.shape[0] == batch_size:
+            encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)  # (b*F, n_txt, c)
+        context: torch.Tensor | tuple = encoder_hidden_states
+        if subject is not None:
+            image_tokens = subject.image_tokens.to(encoder_hidden_states.dtype)
+            image_tokens = image_tokens.repeat_interleave(num_frames, dim=0)  # (b*F, F*16, c)
+            context = (encoder_hidden_states, image_tokens)
+
+        return super().forward(
+            sample,
+            timestep,
+            encoder_hidden_states=context,
+            timestep_cond=timestep_cond,
+            attention_mask=attention_mask,
+            cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            return_dict=return_dict,
+        )
+
+
+# ---------------------------------------------------------------------- what trains
+
+
+def trainable_parameter_names(unet: MagDiffUNetModel) -> list[str]:
+    """Names of the parameters MagDiff trains (authors' code): the temporal layers, every parameter of the spatial
+    transformer blocks (self-attention, APA incl. ``to_k_ip``/``to_v_ip`` and the weights, FFN, norms), the widened
+    ``conv_in``, the Resampler and the HFA convs. ResNet blocks, samplers, time embedding, ``conv_out`` stay frozen.
+    With ``apa="fixed"`` the APA weights are frozen too."""
+    names = []
+    for name, _ in unet.named_parameters():
+        if unet.config.apa == "fixed" and (name.endswith(".a_img") or name.endswith(".a_txt")):
+            continue
+        if (
+            "motion_modules." in name
+            or ".attentions." in name
+            or name.startswith(("conv_in.", "resampler.", "hfa_fusion."))
+        ):
+            names.append(name)
+    return names
+
+
+def configure_trainable_parameters(unet: MagDiffUNetModel) -> list[nn.Parameter]:
+    """Freeze everything except :func:`trainable_parameter_names`; return the trainable parameters in order."""
+    trainable = set(trainable_parameter_names(unet))
+    parameters = []
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(name in trainable)
+        if name in trainable:
+            parameters.append(parameter)
+    return parameters

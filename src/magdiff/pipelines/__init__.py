@@ -1,0 +1,5 @@
+"""MagDiff pipelines."""
+
+from .pipeline_magdiff import MagDiffPipeline, MagDiffPipelineOutput
+
+__all__ = ["MagDiffPipeline", "MagDiffPipelineOutput"]

@@ -1,0 +1,569 @@
+"""One pipeline for both MagDiff tasks.
+
+- **Generation**: ``prompt`` + ``subject_image`` (+ ``subject_mask``) -> a video; subject slot 0 holds the cut-out
+  subject, slots 1..F-1 are empty.
+- **Editing**: ``prompt`` + ``video`` (+ ``video_masks``) -> an edited video; every slot holds its frame's cut-out of
+  the kept region (the subject, or with ``keep="background"`` everything but the subject).
+
+Classifier-free guidance follows the paper: the unconditional branch is the empty prompt with the SAME image tokens
+and HFA latents. An optional image guidance scale adds a third branch with empty subject slots.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from ..errors import MagDiffInputError
+from ..models.hfa import pyramid_sizes
+from ..models.unet import MagDiffUNetModel, SubjectConditioning
+from ..sda import editing_slots, empty_slots, generation_slots
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
+VideoInput = torch.Tensor | np.ndarray | Sequence[PIL.Image.Image]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+KEEP_MODES = ("subject", "background")
+# OpenAI CLIP normalisation, used when the pipeline has no feature extractor.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class MagDiffPipelineOutput(BaseOutput):
+    """Output of :class:`MagDiffPipeline`.
+
+    Attributes:
+        frames: the videos: a list (one per video) of lists of PIL images (``output_type="pil"``), an array
+            (b, F, H, W, 3) in [0, 1] (``"np"``), a tensor (b, F, 3, H, W) in [0, 1] (``"pt"``), or the final latents
+            (b, c, F, h, w) (``"latent"``).
+        subject_slots: the F subject slots the model was conditioned on, (F, 3, H, W) in [-1, 1].
+        filled_slots: (F,) bool, which slots hold a subject (generation: slot 0 only; editing: all).
+    """
+
+    frames: list[list[PIL.Image.Image]] | np.ndarray | torch.Tensor
+    subject_slots: torch.Tensor
+    filled_slots: torch.Tensor
+
+
+# ---------------------------------------------------------------------- input conversion
+
+
+def image_to_tensor(image: ImageInput, size: tuple[int, int], name: str = "image") -> torch.Tensor:
+    """PIL / uint8 array (H, W, 3) / tensor (3, H, W) in [-1, 1] -> (3, *size) float tensor in [-1, 1]."""
+    if isinstance(image, PIL.Image.Image):
+        image = image.convert("RGB").resize((size[1], size[0]), PIL.Image.BICUBIC)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise MagDiffInputError(f"`{name}` as an array must be (H, W, 3) uint8, got shape {image.shape}.")
+        return image_to_tensor(PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8)), size, name)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise MagDiffInputError(f"`{name}` as a tensor must be (3, H, W) in [-1, 1], got shape "
+                                    f"{tuple(image.shape)}.")
+        image = image.float()
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        return image.clamp(-1.0, 1.0)
+    raise MagDiffInputError(f"`{name}` must be a PIL image, a uint8 array or a tensor, got {type(image).__name__}.")
+
+
+def mask_to_tensor(mask: ImageInput, size: tuple[int, int], name: str = "mask") -> torch.Tensor:
+    """PIL (L/1/RGB) / array (H, W) / tensor (1, H, W) or (H, W) -> (1, *size) float tensor in {0, 1}."""
+    if isinstance(mask, PIL.Image.Image):
+        array = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array)[None]
+    elif isinstance(mask, np.ndarray):
+        array = mask.astype(np.float32)
+        tensor = torch.from_numpy(array / 255.0 if array.max() > 1.0 else array)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor
+    elif isinstance(mask, torch.Tensor):
+        tensor = mask.float()[None] if mask.ndim == 2 else mask.float()
+    else:
+        raise MagDiffInputError(f"`{name}` must be a PIL image, an array or a tensor, got {type(mask).__name__}.")
+    if tensor.ndim != 3 or tensor.shape[0] != 1:
+        raise MagDiffInputError(f"`{name}` must be a single-channel mask (H, W), got shape {tuple(tensor.shape)}.")
+    if tuple(tensor.shape[-2:]) != size:
+        tensor = F.interpolate(tensor[None], size=size, mode="nearest")[0]
+    return (tensor > 0.5).float()
+
+
+def video_to_tensor(video: VideoInput, name: str = "video") -> torch.Tensor:
+    """Tensor (F, 3, H, W) in [-1, 1] / uint8 array (F, H, W, 3) / list of PIL -> (F, 3, H, W) float in [-1, 1]."""
+    if isinstance(video, torch.Tensor):
+        if video.ndim != 4 or video.shape[1] != 3:
+            raise MagDiffInputError(f"`{name}` as a tensor must be (F, 3, H, W) in [-1, 1], got shape "
+                                    f"{tuple(video.shape)}.")
+        return video.float().clamp(-1.0, 1.0)
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise MagDiffInputError(f"`{name}` as an array must be (F, H, W, 3) uint8, got shape {video.shape}.")
+        return torch.from_numpy(video.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    frames = list(video)
+    if not frames or not all(isinstance(frame, PIL.Image.Image) for frame in frames):
+        raise MagDiffInputError(f"`{name}` must be a tensor, an array or a non-empty list of PIL images.")
+    return video_to_tensor(np.stack([np.asarray(frame.convert("RGB")) for frame in frames]), name)
+
+
+def masks_to_tensor(masks: VideoInput, name: str = "video_masks") -> torch.Tensor:
+    """Tensor (F, 1, H, W) / array (F, H, W) / list of PIL -> (F, 1, H, W) float in {0, 1} (original size)."""
+    if isinstance(masks, torch.Tensor):
+        tensor = masks.float()[:, None] if masks.ndim == 3 else masks.float()
+    elif isinstance(masks, np.ndarray):
+        array = masks.astype(np.float32)
+        tensor = torch.from_numpy(array / 255.0 if array.max() > 1.0 else array)
+        tensor = tensor[:, None] if tensor.ndim == 3 else tensor
+    else:
+        frames = list(masks)
+        if not frames:
+            raise MagDiffInputError(f"`{name}` is empty; give one mask per frame.")
+        tensor = torch.stack([mask_to_tensor(frame, (frame.height, frame.width), name) for frame in frames])
+    if tensor.ndim != 4 or tensor.shape[1] != 1:
+        raise MagDiffInputError(f"`{name}` must be (F, 1, H, W) or (F, H, W), got shape {tuple(tensor.shape)}.")
+    return (tensor > 0.5).float()
+
+
+# ---------------------------------------------------------------------- the pipeline
+
+
+class MagDiffPipeline(DiffusionPipeline):
+    r"""Subject-driven video generation and tuning-free video editing with MagDiff.
+
+    Components:
+        vae: encodes the HFA subject pyramid, decodes the video latents.
+        text_encoder, tokenizer: CLIP text model and its tokenizer.
+        unet: :class:`~magdiff.models.unet.MagDiffUNetModel`.
+        scheduler: any diffusers scheduler (DDIM by default).
+        image_encoder: CLIP vision tower whose hidden states (all tokens) feed the Resampler.
+        feature_extractor: its ``CLIPImageProcessor`` (only its size, mean and std are used).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: MagDiffUNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection,
+        feature_extractor: CLIPImageProcessor | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.video_processor = VideoProcessor(do_resize=False, vae_scale_factor=self.vae_scale_factor)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def max_num_frames(self) -> int:
+        """The most frames the motion modules support (their positional-embedding length)."""
+        return int(self.unet.config.motion_max_seq_length)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        sample_size = self.unet.config.sample_size or 64
+        size = sample_size * self.vae_scale_factor
+        return size, size
+
+    # ------------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
+        """Prompts -> text tokens (b, n_txt, c), padded to the tokenizer's max length as SD does."""
+        text_inputs = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt")
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = text_inputs.attention_mask.to(device)
+        embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+        return embeds.to(dtype=self.text_encoder.dtype)
+
+    def _clip_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> CLIP-normalised pixels at the image encoder's resolution."""
+        size = self.image_encoder.config.image_size
+        mean, std = _CLIP_MEAN, _CLIP_STD
+        if self.feature_extractor is not None:
+            mean, std = self.feature_extractor.image_mean, self.feature_extractor.image_std
+        pixels = (images + 1.0) / 2.0
+        if tuple(pixels.shape[-2:]) != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        mean_t = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+        return (pixels.clamp(0.0, 1.0) - mean_t) / std_t
+
+    def _vae_mean_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> scaled latent means (n, c, H/s, W/s); the mean, not a sample (inference)."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_subject_slots(
+        self, slots: torch.Tensor, filled: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode the F subject slots for both alignment paths.
+
+        Args:
+            slots: (F, 3, H, W) in [-1, 1]; empty slots are all -1.
+            filled: (F,) bool.
+            size: video size in pixels (H, W); the HFA pyramid is taken at its ``hfa_scales``.
+
+        Returns:
+            ``subject_embeds`` (1, F, n, d): image-encoder hidden states per slot; ``subject_latents``: one
+            (1, c, F, h_s, w_s) VAE latent per pyramid scale (empty list when ``hfa="off"``). Empty slots are
+            encoded once and shared.
+        """
+        device = self._execution_device
+        num_slots = slots.shape[0]
+        # Encode each filled slot, plus one empty image shared by all empty slots.
+        filled_index = torch.nonzero(filled, as_tuple=False).flatten().tolist()
+        unique = [slots[i] for i in filled_index] + [empty_slots(1, *slots.shape[-2:])[0]]
+        slot_to_unique = torch.full((num_slots,), len(unique) - 1, dtype=torch.long)
+        for position, slot_index in enumerate(filled_index):
+            slot_to_unique[slot_index] = position
+        unique_images = torch.stack(unique).to(device)  # (u, 3, H, W)
+
+        encoder_dtype = self.image_encoder.dtype
+        hidden = self.image_encoder(self._clip_pixels(unique_images).to(encoder_dtype), output_hidden_states=True)
+        embeds = hidden.hidden_states[self.unet.config.image_encoder_hidden_layer]  # (u, n, d)
+        subject_embeds = embeds[slot_to_unique.to(device)][None]  # (1, F, n, d)
+
+        subject_latents: list[torch.Tensor] = []
+        hfa = self.unet.config.hfa
+        if hfa != "off":
+            scales = tuple(self.unet.config.hfa_scales) if hfa == "pyramid" else (1.0,)
+            for scaled_size in pyramid_sizes(size[0], size[1], scales, self.vae_scale_factor):
+                resized = unique_images
+                if tuple(resized.shape[-2:]) != scaled_size:
+                    resized = F.interpolate(unique_images, size=scaled_size, mode="bicubic", antialias=True,
+                                            align_corners=False).clamp(-1.0, 1.0)
+                latents = self._vae_mean_latents(resized)[slot_to_unique.to(device)]  # (F, c, h_s, w_s)
+                subject_latents.append(latents.permute(1, 0, 2, 3)[None])  # (1, c, F, h_s, w_s)
+        return subject_embeds, subject_latents
+
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 16) -> torch.Tensor:
+        """(b, c, F, h, w) latents -> (b, 3, F, H, W) video in [-1, 1] (float32)."""
+        latents = latents / self.vae.config.scaling_factor + (getattr(self.vae.config, "shift_factor", None) or 0.0)
+        batch_size, channels, num_frames, height, width = latents.shape
+        latents = latents.permute(0, 2, 1, 3, 4).reshape(batch_size * num_frames, channels, height, width)
+        frames = [
+            self.vae.decode(latents[i : i + decode_chunk_size].to(self.vae.dtype)).sample
+            for i in range(0, latents.shape[0], decode_chunk_size)
+        ]
+        video = torch.cat(frames)  # (b*F, 3, H, W)
+        video = video.reshape(batch_size, num_frames, *video.shape[1:]).permute(0, 2, 1, 3, 4)  # (b, 3, F, H, W)
+        return video.float()
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_inputs(self, prompt: str | list[str], subject_image: ImageInput | None, video: VideoInput | None,
+                     num_frames: int, height: int, width: int, keep: str, output_type: str,
+                     num_inference_steps: int, guidance_scale: float,
+                     callback_on_step_end_tensor_inputs: Sequence[str]) -> None:
+        if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
+            raise MagDiffInputError("`prompt` must be a string or a non-empty list of strings.")
+        if subject_image is not None and video is not None:
+            raise MagDiffInputError("Give either `subject_image` (generation) or `video` (editing), not both.")
+        if num_frames < 1:
+            raise MagDiffInputError(f"`num_frames` must be at least 1, got {num_frames}.")
+        if num_frames > self.max_num_frames:
+            raise MagDiffInputError(f"`num_frames`={num_frames} is more than this model supports "
+                                    f"({self.max_num_frames}); ask for at most {self.max_num_frames} frames.")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
+            raise MagDiffInputError(f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, "
+                                    f"got {height}x{width}.")
+        if keep not in KEEP_MODES:
+            raise MagDiffInputError(f"`keep` must be one of {KEEP_MODES}, got {keep!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise MagDiffInputError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if num_inference_steps < 1:
+            raise MagDiffInputError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
+        if guidance_scale < 0:
+            raise MagDiffInputError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise MagDiffInputError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}"
+                                    f", got {unknown}.")
+
+    def prepare_subject_slots(
+        self,
+        num_frames: int,
+        size: tuple[int, int],
+        subject_image: ImageInput | None = None,
+        subject_mask: ImageInput | None = None,
+        video: VideoInput | None = None,
+        video_masks: VideoInput | None = None,
+        keep: str = "subject",
+        segmenter: Callable | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The F subject slots (F, 3, H, W) and which are filled (F,), from a subject (generation), a source video
+        (editing) or nothing (text-only: all slots empty)."""
+        if subject_image is not None:
+            mask = subject_mask
+            if mask is None and isinstance(subject_image, PIL.Image.Image) and "A" in subject_image.getbands():
+                mask = subject_image.getchannel("A").point(lambda alpha: 255 if alpha > 127 else 0)
+            if mask is None:
+                mask = self._segment_image(subject_image, segmenter)
+            if hasattr(mask, "shape") or isinstance(mask, PIL.Image.Image):
+                image_size = _spatial_size(subject_image)
+                mask_size = _spatial_size(mask)
+                if image_size != mask_size:
+                    raise MagDiffInputError(f"The subject mask is {mask_size[1]}x{mask_size[0]} but the subject image "
+                                            f"is {image_size[1]}x{image_size[0]}; give a mask of the image's size.")
+            image = image_to_tensor(subject_image, size, "subject_image")
+            mask_tensor = mask_to_tensor(mask, size, "subject_mask")
+            if mask_tensor.sum() == 0:
+                raise MagDiffInputError("The subject mask is empty (no pixel marks the subject); give a mask or an "
+                                        "RGBA image whose alpha covers the subject.")
+            return generation_slots(image, mask_tensor, num_frames)
+        if video is not None:
+            frames = video_to_tensor(video)
+            if frames.shape[0] < num_frames:
+                raise MagDiffInputError(f"The source video has {frames.shape[0]} frames but {num_frames} were asked; "
+                                        f"ask for at most {frames.shape[0]} frames (--num-frames).")
+            frames = frames[:num_frames]
+            if video_masks is None:
+                from ..segmentation import segment_video
+
+                masks = segment_video(frames, segmenter)
+            else:
+                masks = masks_to_tensor(video_masks)
+                if masks.shape[0] < num_frames:
+                    raise MagDiffInputError(f"{masks.shape[0]} masks were given for {num_frames} frames; give one mask "
+                                            f"per frame.")
+                masks = masks[:num_frames]
+                if masks.shape[-2:] != frames.shape[-2:]:
+                    raise MagDiffInputError(f"The masks are {masks.shape[-1]}x{masks.shape[-2]} but the video frames "
+                                            f"are {frames.shape[-1]}x{frames.shape[-2]}; give masks of the frame size.")
+            empty = [int(i) for i in torch.nonzero(masks.flatten(1).sum(1) == 0).flatten()]
+            if len(empty) == num_frames:
+                raise MagDiffInputError("Every mask is empty: nothing to keep. Give masks that cover the region to "
+                                        "keep.")
+            if empty:
+                raise MagDiffInputError(f"The mask of frame {empty[0]} is empty; every frame needs a non-empty mask.")
+            if tuple(frames.shape[-2:]) != size:
+                frames = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False)
+                frames = frames.clamp(-1.0, 1.0)
+                masks = F.interpolate(masks, size=size, mode="nearest")
+            return editing_slots(frames, masks, keep=keep)
+        return empty_slots(num_frames, *size), torch.zeros(num_frames, dtype=torch.bool)
+
+    @staticmethod
+    def _segment_image(image: ImageInput, segmenter: Callable | None) -> np.ndarray:
+        from ..segmentation import default_segmenter
+
+        segmenter = segmenter or default_segmenter()
+        if isinstance(image, PIL.Image.Image):
+            array = np.asarray(image.convert("RGB"))
+        elif isinstance(image, torch.Tensor):
+            array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        else:
+            array = np.asarray(image)[..., :3].astype(np.uint8)
+        return np.asarray(segmenter(array)).astype(np.float32)
+
+    def prepare_latents(self, batch_size: int, num_frames: int, height: int, width: int, dtype: torch.dtype,
+                        device: torch.device, generator: torch.Generator | list[torch.Generator] | None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (batch_size, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise MagDiffInputError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def _extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict:
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        subject_image: ImageInput | None = None,
+        subject_mask: ImageInput | None = None,
+        video: VideoInput | None = None,
+        video_masks: VideoInput | None = None,
+        keep: str = "subject",
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        image_guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        decode_chunk_size: int = 16,
+        segmenter: Callable | None = None,
+    ) -> MagDiffPipelineOutput | tuple:
+        r"""Generate (with ``subject_image``) or edit (with ``video``) a video.
+
+        Args:
+            prompt: what the video shows (motion, scene; in editing, the new content).
+            subject_image: the subject for generation (PIL, uint8 array or (3, H, W) tensor in [-1, 1]). An RGBA
+                image's alpha is its mask.
+            subject_mask: the subject's mask; wins over alpha and segmentation. Without either, ``segmenter`` (the
+                offline GrabCut default) cuts the subject out.
+            video: the source video for editing ((F, 3, H, W) tensor in [-1, 1], (F, H, W, 3) uint8, or PIL frames).
+            video_masks: per-frame masks of the source video; segmented when absent.
+            keep: ``"subject"`` keeps the masked subject and changes the rest by text; ``"background"`` keeps the
+                scene (the mask's complement) and changes the subject by text.
+            negative_prompt: the unconditional prompt (default: empty).
+            num_frames: frames to generate (default: 8, or the source video's length up to the model's maximum).
+            height, width: video size in pixels (default: the U-Net's ``sample_size`` x the VAE factor).
+            num_inference_steps: denoising steps (50 DDIM steps in the paper).
+            guidance_scale: text classifier-free guidance (7.5); the unconditional branch keeps the subject.
+            image_guidance_scale: optional subject guidance against empty subject slots (off by default).
+            num_videos_per_prompt: videos per prompt.
+            eta: DDIM eta.
+            generator: torch generator(s) for the initial noise.
+            latents: initial noise (b, c, F, h, w), overriding ``generator``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a :class:`MagDiffPipelineOutput` (else a tuple).
+            callback_on_step_end: called as ``callback(pipe, step, timestep, tensors)`` after every step; may return
+                ``{"latents": ...}`` to replace the latents.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback.
+            decode_chunk_size: frames decoded by the VAE at once (lower it to save memory).
+            segmenter: a :class:`~magdiff.segmentation.SubjectSegmenter` used where no mask is given.
+        """
+        # 0. Defaults and checks
+        default_height, default_width = self.default_size
+        height = height or default_height
+        width = width or default_width
+        if num_frames is None:
+            num_frames = 8 if video is None else min(len(video), self.max_num_frames)
+        self.check_inputs(prompt, subject_image, video, num_frames, height, width, keep, output_type,
+                          num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+        batch_size = len(prompts)
+        if negative_prompt is None:
+            negative_prompt = ""
+        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else (
+            [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
+        )
+        if len(negative_prompts) != batch_size:
+            raise MagDiffInputError("`negative_prompt` must be a string or a list as long as `prompt`.")
+        device = self._execution_device
+        do_text_guidance = guidance_scale > 1.0
+        do_image_guidance = image_guidance_scale is not None and image_guidance_scale != 1.0
+
+        # 1. Subject slots (SDA): slot 0 for generation, every slot for editing
+        slots, filled = self.prepare_subject_slots(num_frames, (height, width), subject_image, subject_mask, video,
+                                                   video_masks, keep, segmenter)
+
+        # 2. Text tokens
+        text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
+        negative_embeds = self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance \
+            else None
+
+        # 3. Subject encodings: image tokens (APA) and the HFA latent pyramid, once for all steps
+        subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size).repeat(batch_size)
+        empty_subject = None
+        if do_image_guidance:
+            empty = empty_slots(num_frames, height, width)
+            empty_embeds, empty_latents = self.encode_subject_slots(empty, torch.zeros_like(filled), (height, width))
+            empty_subject = self.unet.encode_subject(empty_embeds, empty_latents, latent_size).repeat(batch_size)
+
+        # 4. Classifier-free guidance branches: [empty text + subject] (+ [empty text + empty subject]) + [text + subject]
+        branch_text = [text_embeds]
+        branch_subject = [subject]
+        if do_text_guidance or do_image_guidance:
+            branch_text.insert(0, negative_embeds)
+            branch_subject.insert(0, subject)
+        if do_image_guidance:
+            branch_text.insert(0, negative_embeds)
+            branch_subject.insert(0, empty_subject)
+        num_branches = len(branch_text)
+        context = torch.cat(branch_text)
+        subject_context = SubjectConditioning.cat(branch_subject)
+
+        # 5. Timesteps and initial noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(batch_size, num_frames, height, width, context.dtype, device, generator, latents)
+        extra_step_kwargs = self._extra_step_kwargs(generator, eta)
+
+        # 6. Denoising loop
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for step, timestep in enumerate(timesteps):
+                model_input = torch.cat([latents] * num_branches)
+                model_input = self.scheduler.scale_model_input(model_input, timestep)
+                noise_pred = self.unet(model_input, timestep, encoder_hidden_states=context,
+                                       subject=subject_context).sample
+                noise_pred = self._combine_guidance(noise_pred, num_branches, guidance_scale, image_guidance_scale)
+                latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, step, timestep, tensors) or {}
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 7. Decode
+        if output_type == "latent":
+            frames: list | np.ndarray | torch.Tensor = latents
+        else:
+            video_tensor = self.decode_latents(latents, decode_chunk_size)
+            frames = self.video_processor.postprocess_video(video=video_tensor, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames, slots, filled)
+        return MagDiffPipelineOutput(frames=frames, subject_slots=slots, filled_slots=filled)
+
+    @staticmethod
+    def _combine_guidance(noise_pred: torch.Tensor, num_branches: int, guidance_scale: float,
+                          image_guidance_scale: float | None) -> torch.Tensor:
+        if num_branches == 1:
+            return noise_pred
+        if num_branches == 2:  # text guidance only; the subject is in both branches (paper)
+            uncond, cond = noise_pred.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        # [empty text, empty subject], [empty text, subject], [text, subject]
+        uncond, subject_only, cond = noise_pred.chunk(3)
+        text_scale = guidance_scale if guidance_scale > 1.0 else 1.0
+        return uncond + image_guidance_scale * (subject_only - uncond) + text_scale * (cond - subject_only)
+
+
+def _spatial_size(item: ImageInput) -> tuple[int, int]:
+    """(H, W) of a PIL image, an (H, W[, C]) array or a ([C,] H, W) tensor."""
+    if isinstance(item, PIL.Image.Image):
+        return item.height, item.width
+    if isinstance(item, torch.Tensor):
+        return int(item.shape[-2]), int(item.shape[-1])
+    array = np.asarray(item)
+    return int(array.shape[0]), int(array.shape[1])
