@@ -19,8 +19,12 @@ from magdiff.models import (
 )
 from magdiff.tiny import TINY_IMAGE_HIDDEN, tiny_motion_adapter, tiny_stable_diffusion
 
-UNET_KWARGS = {"image_embed_dim": TINY_IMAGE_HIDDEN, "resampler_hidden_dim": 64, "resampler_heads": 1,
-               "hfa_hidden_channels": 8}
+UNET_KWARGS = {
+    "image_embed_dim": TINY_IMAGE_HIDDEN,
+    "resampler_hidden_dim": 64,
+    "resampler_heads": 1,
+    "hfa_hidden_channels": 8,
+}
 
 
 def _attention(query_dim=32, context_dim=24, heads=4, dim_head=8, seed=0) -> Attention:
@@ -84,8 +88,9 @@ def test_fixed_apa_equals_diffusers_ip_adapter_processor(scale):
     theirs.to_k_ip[0].weight.data.copy_(ours.to_k_ip.weight)
     theirs.to_v_ip[0].weight.data.copy_(ours.to_v_ip.weight)
     hidden, text, image = torch.randn(2, 10, 32), torch.randn(2, 6, 24), torch.randn(2, 5, 24)
-    torch.testing.assert_close(ours(attn, hidden, (text, image)), theirs(attn, hidden, (text, [image])),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours(attn, hidden, (text, image)), theirs(attn, hidden, (text, [image])), atol=1e-5, rtol=1e-5
+    )
     assert not ours.a_img.requires_grad and not ours.a_txt.requires_grad
 
 
@@ -95,8 +100,11 @@ def test_apa_weights_default_to_the_authors_values(base_and_magdiff):
     assert weights and all(value == (1.5, 1.0) for value in weights.values())
     # APA sits on the spatial cross-attention only, never on the motion modules.
     assert all("motion_modules" not in name and name.endswith("attn2") for name in weights)
-    spatial_attn2 = [n for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith("attentions.0"
-                     ".transformer_blocks.0.attn2")]
+    spatial_attn2 = [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, Attention) and n.endswith("attentions.0.transformer_blocks.0.attn2")
+    ]
     assert len(spatial_attn2) >= 2
 
 
@@ -151,8 +159,9 @@ def test_fresh_magdiff_unet_equals_its_base(base_and_magdiff):
         unet.set_apa_weights(a_img=1.5)
     torch.testing.assert_close(out.sample, expected, atol=1e-5, rtol=1e-4)
     # Without any subject input at all it is also the base model.
-    torch.testing.assert_close(unet(sample, timestep, encoder_hidden_states=text).sample, expected,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        unet(sample, timestep, encoder_hidden_states=text).sample, expected, atol=1e-5, rtol=1e-4
+    )
     # And the image branch does change the output once a_img != 0.
     changed = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
     assert (changed.sample - expected).abs().max() > 1e-3
@@ -197,8 +206,18 @@ def test_gradients_reach_exactly_the_trainable_set():
     named = dict(unet.named_parameters())
     trainable = set(trainable_parameter_names(unet))
     assert {id(p) for p in parameters} == {id(named[n]) for n in trainable}
-    for fragment in (".a_img", ".a_txt", "to_k_ip.weight", "to_v_ip.weight", "resampler.", "hfa_fusion.",
-                     "conv_in.weight", "motion_modules.", "attn1.to_q.weight", "ff.net"):
+    for fragment in (
+        ".a_img",
+        ".a_txt",
+        "to_k_ip.weight",
+        "to_v_ip.weight",
+        "resampler.",
+        "hfa_fusion.",
+        "conv_in.weight",
+        "motion_modules.",
+        "attn1.to_q.weight",
+        "ff.net",
+    ):
         matching = [n for n in trainable if fragment in n]
         assert matching, fragment
         assert any(named[n].grad is not None and named[n].grad.abs().sum() > 0 for n in matching), fragment

@@ -37,4 +37,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'magdiff' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "APAAttnProcessor",
+    "HFAPyramidFusion",
+    "MagDiffInputError",
+    "MagDiffPipeline",
+    "MagDiffPipelineOutput",
+    "MagDiffUNetModel",
+    "assemble_magdiff",
+    "configure_trainable_parameters",
+    "trainable_parameter_names",
+]

@@ -35,9 +35,11 @@ def resolve_model(model: str | None) -> str:
     and saved once under the cache folder (``$MAGDIFF_HOME``, default ``~/.cache/magdiff``)."""
     if model is not None:
         if not Path(model).is_dir() or not (Path(model) / "model_index.json").is_file():
-            raise MagDiffInputError(f"--model {model} is not a MagDiff pipeline folder (no model_index.json); "
-                                    f"give a folder written by `magdiff assemble`, `magdiff train` or "
-                                    f"MagDiffPipeline.save_pretrained.")
+            raise MagDiffInputError(
+                f"--model {model} is not a MagDiff pipeline folder (no model_index.json); "
+                f"give a folder written by `magdiff assemble`, `magdiff train` or "
+                f"MagDiffPipeline.save_pretrained."
+            )
         return model
     packaged = packaged_default_model()
     if (packaged / "model_index.json").is_file():
@@ -47,8 +49,11 @@ def resolve_model(model: str | None) -> str:
         from .pipelines.assembly import save_pipeline_atomically
         from .tiny import tiny_magdiff_pipeline
 
-        print(f"note: no trained default model is installed; building an untrained tiny model at {fallback} "
-              f"(its videos are noise; pass --model for a real one)", file=sys.stderr)
+        print(
+            f"note: no trained default model is installed; building an untrained tiny model at {fallback} "
+            f"(its videos are noise; pass --model for a real one)",
+            file=sys.stderr,
+        )
         save_pipeline_atomically(tiny_magdiff_pipeline(), fallback)
     return str(fallback)
 
@@ -67,15 +72,21 @@ def _device(name: str) -> str:
 
 def load_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
     import torch
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     from .pipelines.pipeline_magdiff import MagDiffPipeline
 
+    # Quiet loading: one progress bar (the denoising loop) and one summary line is what the user reads.
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     model = resolve_model(args.model)
     dtype = getattr(torch, args.dtype)
-    pipeline = MagDiffPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype)
     pipeline.to(_device(args.device))
+    pipeline.set_progress_bar_config(disable=False, desc="denoising", leave=True)
     if args.scheduler != "default":
         pipeline.scheduler = _scheduler(args.scheduler, pipeline.scheduler.config)
     return pipeline
@@ -93,8 +104,13 @@ def _scheduler(name: str, config: dict):
         PNDMScheduler,
     )
 
-    classes = {"ddim": DDIMScheduler, "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-               "euler-ancestral": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler}
+    classes = {
+        "ddim": DDIMScheduler,
+        "dpm-solver++": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler-ancestral": EulerAncestralDiscreteScheduler,
+        "pndm": PNDMScheduler,
+    }
     return classes[name].from_config(config)
 
 
@@ -150,13 +166,16 @@ def cmd_edit(args: argparse.Namespace) -> None:
     info = probe_video(args.video)
     num_frames = args.num_frames or min(info.num_frames or 8, pipeline.max_num_frames)
     if num_frames > pipeline.max_num_frames:
-        raise MagDiffInputError(f"--num-frames {num_frames} is more than this model supports "
-                                f"({pipeline.max_num_frames}); ask for fewer frames.")
+        raise MagDiffInputError(
+            f"--num-frames {num_frames} is more than this model supports "
+            f"({pipeline.max_num_frames}); ask for fewer frames."
+        )
     frames = load_video(args.video, num_frames=num_frames, size=(height, width))
     masks = None
     if args.masks is not None:
-        masks = load_masks(args.masks, num_frames=num_frames, size=(height, width),
-                           expected_size=(info.height, info.width))
+        masks = load_masks(
+            args.masks, num_frames=num_frames, size=(height, width), expected_size=(info.height, info.width)
+        )
     args.height, args.width, args.num_frames = height, width, num_frames
     _run_and_save(pipeline, args, fmt, video=frames, video_masks=masks, keep=args.keep, segmenter=segmenter)
 
@@ -168,10 +187,18 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     assemble_magdiff(
-        args.base_model, args.motion_adapter, args.image_encoder, args.out, ip_adapter=args.ip_adapter,
-        ip_adapter_subfolder=args.ip_adapter_subfolder, ip_adapter_weight_name=args.ip_adapter_weight_name,
-        image_encoder_subfolder=args.image_encoder_subfolder, torch_dtype=getattr(torch, args.dtype),
-        overwrite=args.overwrite, apa=args.apa, hfa=args.hfa,
+        args.base_model,
+        args.motion_adapter,
+        args.image_encoder,
+        args.out,
+        ip_adapter=args.ip_adapter,
+        ip_adapter_subfolder=args.ip_adapter_subfolder,
+        ip_adapter_weight_name=args.ip_adapter_weight_name,
+        image_encoder_subfolder=args.image_encoder_subfolder,
+        torch_dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+        apa=args.apa,
+        hfa=args.hfa,
     )
     print(f"wrote an untrained MagDiff pipeline to {args.out} in {time.perf_counter() - start:.1f} s")
 
@@ -198,8 +225,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance scale (default 7.5)")
-    parser.add_argument("--image-guidance-scale", type=float, default=None,
-                        help="optional subject guidance scale (default: off)")
+    parser.add_argument(
+        "--image-guidance-scale", type=float, default=None, help="optional subject guidance scale (default: off)"
+    )
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="default", help="sampler (default: the model's)")
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--segmenter", default=None, help="segmenter where no mask is given (default: grabcut)")
@@ -214,18 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="text + subject image -> video")
-    generate.add_argument("--subject", required=True,
-                          help="subject image: PNG with alpha, or RGB with --subject-mask, or RGB alone (segmented)")
+    generate.add_argument(
+        "--subject",
+        required=True,
+        help="subject image: PNG with alpha, or RGB with --subject-mask, or RGB alone (segmented)",
+    )
     generate.add_argument("--subject-mask", default=None, help="mask image of the subject (white = subject)")
     _add_sampling_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     edit = commands.add_parser("edit", help="source video + text -> edited video keeping the masked region")
     edit.add_argument("--video", required=True, help="source video (mp4, gif, ... or a folder of frames)")
-    edit.add_argument("--masks", default=None, help="folder of per-frame mask PNGs, or a mask video "
-                      "(default: segment every frame)")
-    edit.add_argument("--keep", choices=("subject", "background"), default="subject",
-                      help="keep the masked subject (change the scene) or the scene (change the subject)")
+    edit.add_argument(
+        "--masks", default=None, help="folder of per-frame mask PNGs, or a mask video (default: segment every frame)"
+    )
+    edit.add_argument(
+        "--keep",
+        choices=("subject", "background"),
+        default="subject",
+        help="keep the masked subject (change the scene) or the scene (change the subject)",
+    )
     _add_sampling_arguments(edit)
     edit.set_defaults(func=cmd_edit)
 

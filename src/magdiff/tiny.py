@@ -24,8 +24,30 @@ from transformers import (
 
 from .tokenization import build_word_tokenizer
 
-TINY_WORDS = ("a", "cat", "dog", "star", "moving", "left", "right", "up", "down", "staying", "still", "on", "red",
-              "green", "blue", "background", "beach", "forest", "in", "the", "snow", "walking")
+TINY_WORDS = (
+    "a",
+    "cat",
+    "dog",
+    "star",
+    "moving",
+    "left",
+    "right",
+    "up",
+    "down",
+    "staying",
+    "still",
+    "on",
+    "red",
+    "green",
+    "blue",
+    "background",
+    "beach",
+    "forest",
+    "in",
+    "the",
+    "snow",
+    "walking",
+)
 
 TINY_CROSS_ATTENTION_DIM = 32
 TINY_IMAGE_SIZE = 32
@@ -36,45 +58,79 @@ TINY_RESAMPLER_HIDDEN = 64  # diffusers' IP-Adapter-Plus loader assumes 64-chann
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
     )
 
 
 def tiny_text_encoder(vocab_size: int, max_length: int, seed: int = 0) -> CLIPTextModel:
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_CROSS_ATTENTION_DIM, intermediate_size=37,
-                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=max_length,
-                            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_CROSS_ATTENTION_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=max_length,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
     return CLIPTextModel(config).eval()
 
 
 def tiny_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
     torch.manual_seed(seed)
-    config = CLIPVisionConfig(hidden_size=TINY_IMAGE_HIDDEN, image_size=TINY_IMAGE_SIZE, patch_size=8,
-                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, projection_dim=32)
+    config = CLIPVisionConfig(
+        hidden_size=TINY_IMAGE_HIDDEN,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        projection_dim=32,
+    )
     return CLIPVisionModelWithProjection(config).eval()
 
 
 def tiny_feature_extractor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                              crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    return CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
 
 
 def tiny_unet2d(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TINY_CROSS_ATTENTION_DIM, attention_head_dim=8, norm_num_groups=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_CROSS_ATTENTION_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
     )
 
 
 def tiny_motion_adapter(seed: int = 0) -> MotionAdapter:
     torch.manual_seed(seed)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
-                            motion_num_attention_heads=4, motion_max_seq_length=16)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=8,
+        motion_num_attention_heads=4,
+        motion_max_seq_length=16,
+    )
     # Motion modules start as identity (zero proj_out); give them weights so temporal mixing is exercised.
     with torch.no_grad():
         for name, parameter in adapter.named_parameters():
@@ -84,15 +140,26 @@ def tiny_motion_adapter(seed: int = 0) -> MotionAdapter:
 
 
 def tiny_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
-                         timestep_spacing="linspace", steps_offset=1)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        timestep_spacing="linspace",
+        steps_offset=1,
+    )
 
 
 def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     tokenizer = build_word_tokenizer(TINY_WORDS, model_max_length=16)
     return StableDiffusionPipeline(
-        vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tokenizer), 16, seed), tokenizer=tokenizer,
-        unet=tiny_unet2d(seed), scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), 16, seed),
+        tokenizer=tokenizer,
+        unet=tiny_unet2d(seed),
+        scheduler=tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -102,9 +169,15 @@ def tiny_ip_adapter_plus_state_dict(unet_motion: torch.nn.Module, seed: int = 0)
     ``to_kv``, ``ip_adapter.{k}.to_k_ip.weight`` for the k-th cross-attention), for ``unet_motion``'s spatial
     cross-attention layers in diffusers' processor order."""
     torch.manual_seed(seed)
-    projection = IPAdapterPlusImageProjection(embed_dims=TINY_IMAGE_HIDDEN, output_dims=TINY_CROSS_ATTENTION_DIM,
-                                              hidden_dims=TINY_RESAMPLER_HIDDEN, depth=4, dim_head=64,
-                                              heads=TINY_RESAMPLER_HIDDEN // 64, num_queries=16)
+    projection = IPAdapterPlusImageProjection(
+        embed_dims=TINY_IMAGE_HIDDEN,
+        output_dims=TINY_CROSS_ATTENTION_DIM,
+        hidden_dims=TINY_RESAMPLER_HIDDEN,
+        depth=4,
+        dim_head=64,
+        heads=TINY_RESAMPLER_HIDDEN // 64,
+        num_queries=16,
+    )
     state: dict[str, torch.Tensor] = {}
     diffusers_state = projection.state_dict()
     for key, value in diffusers_state.items():
@@ -114,10 +187,16 @@ def tiny_ip_adapter_plus_state_dict(unet_motion: torch.nn.Module, seed: int = 0)
             continue
         index, rest = parts[1], ".".join(parts[2:])
         original = {
-            "ln0.weight": "0.norm1.weight", "ln0.bias": "0.norm1.bias", "ln1.weight": "0.norm2.weight",
-            "ln1.bias": "0.norm2.bias", "attn.to_q.weight": "0.to_q.weight",
-            "attn.to_out.0.weight": "0.to_out.weight", "ff.0.weight": "1.0.weight", "ff.0.bias": "1.0.bias",
-            "ff.1.net.0.proj.weight": "1.1.weight", "ff.1.net.2.weight": "1.3.weight",
+            "ln0.weight": "0.norm1.weight",
+            "ln0.bias": "0.norm1.bias",
+            "ln1.weight": "0.norm2.weight",
+            "ln1.bias": "0.norm2.bias",
+            "attn.to_q.weight": "0.to_q.weight",
+            "attn.to_out.0.weight": "0.to_out.weight",
+            "ff.0.weight": "1.0.weight",
+            "ff.0.bias": "1.0.bias",
+            "ff.1.net.0.proj.weight": "1.1.weight",
+            "ff.1.net.2.weight": "1.3.weight",
         }
         if rest == "attn.to_k.weight":
             to_v = diffusers_state[f"layers.{index}.attn.to_v.weight"]
@@ -176,11 +255,21 @@ def tiny_magdiff_pipeline(seed: int = 0, **unet_kwargs: object):  # -> MagDiffPi
 
     sd = tiny_stable_diffusion(seed)
     unet_motion = UNetMotionModel.from_unet2d(sd.unet, tiny_motion_adapter(seed))
-    kwargs: dict = {"image_embed_dim": TINY_IMAGE_HIDDEN, "resampler_hidden_dim": TINY_RESAMPLER_HIDDEN,
-                    "resampler_heads": 1, "resampler_dim_head": 64, "hfa_hidden_channels": 8}
+    kwargs: dict = {
+        "image_embed_dim": TINY_IMAGE_HIDDEN,
+        "resampler_hidden_dim": TINY_RESAMPLER_HIDDEN,
+        "resampler_heads": 1,
+        "resampler_dim_head": 64,
+        "hfa_hidden_channels": 8,
+    }
     kwargs.update(unet_kwargs)
     torch.manual_seed(seed + 1)
     unet = MagDiffUNetModel.from_unet_motion(unet_motion, **kwargs)
-    return MagDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
-                           scheduler=tiny_scheduler(), image_encoder=tiny_image_encoder(seed),
-                           feature_extractor=tiny_feature_extractor())
+    return MagDiffPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        image_encoder=tiny_image_encoder(seed),
+    )

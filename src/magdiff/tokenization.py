@@ -49,7 +49,7 @@ def build_word_tokenizer(words: Iterable[str], model_max_length: int = 16) -> CL
     seen_merges: set[str] = set()
     pieces = sorted({piece for word in words for piece in re.findall(r"[a-z]+|[0-9]", word.lower())})
     for piece in pieces:
-        parts = list(piece[:-1]) + [piece[-1] + "</w>"]
+        parts = [*list(piece[:-1]), piece[-1] + "</w>"]
         current = parts[0]
         for part in parts[1:]:
             merge = f"{current} {part}"

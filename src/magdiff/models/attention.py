@@ -23,8 +23,9 @@ from torch import nn
 APA_MODES = ("learned", "fixed")
 
 
-def _multi_head_attention(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _multi_head_attention(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Scaled dot-product attention over ``attn.heads`` heads. Inputs (b, n, c); returns (b, n_query, c)."""
     batch_size = query.shape[0]
     head_dim = key.shape[-1] // attn.heads
@@ -51,8 +52,14 @@ class APAAttnProcessor(nn.Module):
     tensor means "no image tokens": only the text branch runs.
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, a_img_init: float = 1.5, a_txt_init: float = 1.0,
-                 learned: bool = True) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        a_img_init: float = 1.5,
+        a_txt_init: float = 1.0,
+        learned: bool = True,
+    ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.cross_attention_dim = cross_attention_dim

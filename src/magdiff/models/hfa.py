@@ -23,8 +23,8 @@ def pyramid_sizes(height: int, width: int, scales: tuple[float, ...], multiple: 
     (the VAE's downsampling factor), never below one latent pixel."""
     sizes = []
     for scale in scales:
-        scaled_height = max(multiple, int(round(height * scale / multiple)) * multiple)
-        scaled_width = max(multiple, int(round(width * scale / multiple)) * multiple)
+        scaled_height = max(multiple, round(height * scale / multiple) * multiple)
+        scaled_width = max(multiple, round(width * scale / multiple) * multiple)
         sizes.append((scaled_height, scaled_width))
     return sizes
 

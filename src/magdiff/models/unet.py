@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNetMotionModel
+from diffusers import ModelMixin, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
@@ -28,9 +28,24 @@ from torch import nn
 from .attention import APA_MODES, APAAttnProcessor
 from .hfa import HFA_MODES, HFAPyramidFusion
 
+# diffusers' pipeline loader looks the base class up in the component's module to find its loading method.
+__all__ = [
+    "MagDiffUNetModel",
+    "ModelMixin",
+    "SubjectConditioning",
+    "configure_trainable_parameters",
+    "trainable_parameter_names",
+]
+
 # Parameters that are new in MagDiff (absent from a base ``UNetMotionModel``), by name prefix or fragment.
-_NEW_PARAMETER_FRAGMENTS = ("resampler.", "hfa_fusion.", ".processor.to_k_ip.", ".processor.to_v_ip.",
-                            ".processor.a_img", ".processor.a_txt")
+_NEW_PARAMETER_FRAGMENTS = (
+    "resampler.",
+    "hfa_fusion.",
+    ".processor.to_k_ip.",
+    ".processor.to_v_ip.",
+    ".processor.a_img",
+    ".processor.a_txt",
+)
 
 
 @dataclass
@@ -58,8 +73,11 @@ class SubjectConditioning:
 
 def is_spatial_cross_attention(name: str, module: nn.Module) -> bool:
     """True for the ``attn2`` of a spatial transformer block (where APA goes); False for the motion modules."""
-    return isinstance(module, Attention) and name.endswith(".attn2") and ".attentions." in name and (
-        "motion_modules" not in name
+    return (
+        isinstance(module, Attention)
+        and name.endswith(".attn2")
+        and ".attentions." in name
+        and ("motion_modules" not in name)
     )
 
 
@@ -151,8 +169,10 @@ class MagDiffUNetModel(UNetMotionModel):
         if hfa not in HFA_MODES:
             raise ValueError(f"Unknown hfa mode {hfa!r}; choose one of {HFA_MODES}.")
         if encoder_hid_dim_type is not None:
-            raise ValueError("MagDiffUNetModel owns its image projection (the Resampler); encoder_hid_dim_type must "
-                             "be None. Use MagDiffUNetModel.from_unet_motion() to convert an IP-Adapter U-Net.")
+            raise ValueError(
+                "MagDiffUNetModel owns its image projection (the Resampler); encoder_hid_dim_type must "
+                "be None. Use MagDiffUNetModel.from_unet_motion() to convert an IP-Adapter U-Net."
+            )
         super().__init__(
             sample_size=sample_size,
             in_channels=in_channels,
@@ -191,8 +211,9 @@ class MagDiffUNetModel(UNetMotionModel):
         # HFA: widen conv_in to take [noisy latent | fused subject latent]; new channels start at zero.
         if hfa != "off":
             base_conv = self.conv_in
-            self.conv_in = nn.Conv2d(2 * in_channels, base_conv.out_channels, kernel_size=base_conv.kernel_size,
-                                     padding=base_conv.padding)
+            self.conv_in = nn.Conv2d(
+                2 * in_channels, base_conv.out_channels, kernel_size=base_conv.kernel_size, padding=base_conv.padding
+            )
             with torch.no_grad():
                 self.conv_in.weight[:, in_channels:].zero_()
         self.hfa_fusion = (
@@ -234,11 +255,16 @@ class MagDiffUNetModel(UNetMotionModel):
         config = dict(unet.config)
         config = {key: value for key, value in config.items() if not key.startswith("_")}
         ip_projection = None
-        if config.get("encoder_hid_dim_type") == "ip_image_proj":
+        # diffusers' load_ip_adapter sets the config attribute, not the config dict: look at the module instead.
+        if getattr(unet, "encoder_hid_proj", None) is not None and hasattr(
+            unet.encoder_hid_proj, "image_projection_layers"
+        ):
             ip_projection = unet.encoder_hid_proj.image_projection_layers[0]
             if not isinstance(ip_projection, IPAdapterPlusImageProjection):
-                raise ValueError(f"Only IP-Adapter-Plus image projections can seed the Resampler, got "
-                                 f"{type(ip_projection).__name__}.")
+                raise ValueError(
+                    f"Only IP-Adapter-Plus image projections can seed the Resampler, got "
+                    f"{type(ip_projection).__name__}."
+                )
             config.update(
                 encoder_hid_dim_type=None,
                 encoder_hid_dim=None,
@@ -254,8 +280,11 @@ class MagDiffUNetModel(UNetMotionModel):
         config.update(magdiff_kwargs)
         model = cls(**config)
 
-        base_state = {k: v for k, v in unet.state_dict().items() if not k.startswith("encoder_hid_proj.")
-                      and ".processor." not in k}
+        base_state = {
+            k: v
+            for k, v in unet.state_dict().items()
+            if not k.startswith("encoder_hid_proj.") and ".processor." not in k
+        }
         in_channels = model.config.in_channels
         if model.config.hfa != "off":
             conv_weight = model.conv_in.weight.detach().clone()
@@ -333,8 +362,9 @@ class MagDiffUNetModel(UNetMotionModel):
                 raise ValueError(f"hfa='single' needs the 1x subject latent at {size}, got {tuple(fused.shape[-2:])}.")
         return fused.reshape(batch_size, num_slots, channels, *size).permute(0, 2, 1, 3, 4)  # (b, c, F, h, w)
 
-    def encode_subject(self, subject_embeds: torch.Tensor, subject_latents: list[torch.Tensor] | None,
-                       size: tuple[int, int]) -> SubjectConditioning:
+    def encode_subject(
+        self, subject_embeds: torch.Tensor, subject_latents: list[torch.Tensor] | None, size: tuple[int, int]
+    ) -> SubjectConditioning:
         """Both subject encodings for a sampling run or a training step."""
         image_tokens = self.encode_image_tokens(subject_embeds)
         hfa_latents = None if self.config.hfa == "off" else self.fuse_subject_latents(subject_latents or [], size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
 from ..models.unet import MagDiffUNetModel
@@ -29,8 +29,10 @@ def _split_weight_path(ip_adapter: str, subfolder: str | None, weight_name: str 
     if path.is_file():
         return str(path.parent), "", path.name
     if weight_name is None:
-        raise MagDiffInputError(f"IP-Adapter {ip_adapter!r} is not a file; also give its weight file name "
-                                f"(e.g. --ip-adapter-weight-name ip-adapter-plus_sd15.safetensors).")
+        raise MagDiffInputError(
+            f"IP-Adapter {ip_adapter!r} is not a file; also give its weight file name "
+            f"(e.g. --ip-adapter-weight-name ip-adapter-plus_sd15.safetensors)."
+        )
     return ip_adapter, subfolder or "", weight_name
 
 
@@ -75,39 +77,48 @@ def assemble_magdiff(
     if output_dir is not None:
         output_path = Path(output_dir)
         if output_path.exists() and any(output_path.iterdir()) and not overwrite:
-            raise MagDiffInputError(f"{output_path} exists and is not empty; choose another folder or pass "
-                                    f"overwrite=True (--overwrite).")
-    for name, value in (("base model", base_model), ("motion adapter", motion_adapter),
-                        ("image encoder", image_encoder)):
+            raise MagDiffInputError(
+                f"{output_path} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)."
+            )
+    for name, value in (
+        ("base model", base_model),
+        ("motion adapter", motion_adapter),
+        ("image encoder", image_encoder),
+    ):
         _check_source(name, str(value))
 
-    adapter = MotionAdapter.from_pretrained(str(motion_adapter), torch_dtype=torch_dtype)
-    base = AnimateDiffPipeline.from_pretrained(str(base_model), motion_adapter=adapter, torch_dtype=torch_dtype)
+    adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=torch_dtype)
+    base = AnimateDiffPipeline.from_pretrained(str(base_model), motion_adapter=adapter, dtype=torch_dtype)
     encoder_kwargs = {"subfolder": image_encoder_subfolder} if image_encoder_subfolder else {}
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder), dtype=torch_dtype, **encoder_kwargs)
-    try:
-        feature_extractor = CLIPImageProcessor.from_pretrained(str(image_encoder), **encoder_kwargs)
-    except OSError:
-        size = encoder.config.image_size
-        feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
     if ip_adapter is not None:
-        folder, subfolder, weight_name = _split_weight_path(str(ip_adapter), ip_adapter_subfolder,
-                                                            ip_adapter_weight_name)
+        folder, subfolder, weight_name = _split_weight_path(
+            str(ip_adapter), ip_adapter_subfolder, ip_adapter_weight_name
+        )
         # diffusers' own loader converts the original IP-Adapter layout; MagDiff then takes its weights over.
         base.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None)
         hidden = base.unet.encoder_hid_proj.image_projection_layers[0].proj_in.in_features
         if hidden != encoder.config.hidden_size:
-            raise MagDiffInputError(f"The IP-Adapter expects image features of size {hidden} but the image encoder "
-                                    f"gives {encoder.config.hidden_size}; use the encoder it was trained with.")
+            raise MagDiffInputError(
+                f"The IP-Adapter expects image features of size {hidden} but the image encoder "
+                f"gives {encoder.config.hidden_size}; use the encoder it was trained with."
+            )
     else:
         unet_kwargs.setdefault("image_embed_dim", encoder.config.hidden_size)
 
     unet = MagDiffUNetModel.from_unet_motion(base.unet, **unet_kwargs)
-    scheduler = DDIMScheduler.from_config(base.scheduler.config, clip_sample=False, timestep_spacing="linspace",
-                                          beta_schedule="linear", steps_offset=1)
-    pipeline = MagDiffPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
-                               scheduler=scheduler, image_encoder=encoder, feature_extractor=feature_extractor)
+    scheduler = DDIMScheduler.from_config(
+        base.scheduler.config, clip_sample=False, timestep_spacing="linspace", beta_schedule="linear", steps_offset=1
+    )
+    pipeline = MagDiffPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=encoder,
+    )
     if output_dir is not None:
         save_pipeline_atomically(pipeline, output_dir)
     return pipeline

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
@@ -24,7 +25,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
 from ..models.hfa import pyramid_sizes
@@ -36,7 +37,7 @@ VideoInput = torch.Tensor | np.ndarray | Sequence[PIL.Image.Image]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 KEEP_MODES = ("subject", "background")
-# OpenAI CLIP normalisation, used when the pipeline has no feature extractor.
+# CLIP pixel normalisation (OpenAI CLIP and OpenCLIP ViT-H/14 share it).
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -72,8 +73,9 @@ def image_to_tensor(image: ImageInput, size: tuple[int, int], name: str = "image
         return image_to_tensor(PIL.Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8)), size, name)
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise MagDiffInputError(f"`{name}` as a tensor must be (3, H, W) in [-1, 1], got shape "
-                                    f"{tuple(image.shape)}.")
+            raise MagDiffInputError(
+                f"`{name}` as a tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}."
+            )
         image = image.float()
         if tuple(image.shape[-2:]) != size:
             image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
@@ -105,8 +107,9 @@ def video_to_tensor(video: VideoInput, name: str = "video") -> torch.Tensor:
     """Tensor (F, 3, H, W) in [-1, 1] / uint8 array (F, H, W, 3) / list of PIL -> (F, 3, H, W) float in [-1, 1]."""
     if isinstance(video, torch.Tensor):
         if video.ndim != 4 or video.shape[1] != 3:
-            raise MagDiffInputError(f"`{name}` as a tensor must be (F, 3, H, W) in [-1, 1], got shape "
-                                    f"{tuple(video.shape)}.")
+            raise MagDiffInputError(
+                f"`{name}` as a tensor must be (F, 3, H, W) in [-1, 1], got shape {tuple(video.shape)}."
+            )
         return video.float().clamp(-1.0, 1.0)
     if isinstance(video, np.ndarray):
         if video.ndim != 4 or video.shape[-1] != 3:
@@ -147,12 +150,12 @@ class MagDiffPipeline(DiffusionPipeline):
         text_encoder, tokenizer: CLIP text model and its tokenizer.
         unet: :class:`~magdiff.models.unet.MagDiffUNetModel`.
         scheduler: any diffusers scheduler (DDIM by default).
-        image_encoder: CLIP vision tower whose hidden states (all tokens) feed the Resampler.
-        feature_extractor: its ``CLIPImageProcessor`` (only its size, mean and std are used).
+        image_encoder: CLIP vision tower whose hidden states (all tokens) feed the Resampler. Subject images are
+            resized to its ``image_size`` and normalised with CLIP's mean and std in torch (no image processor).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
         self,
@@ -162,11 +165,16 @@ class MagDiffPipeline(DiffusionPipeline):
         unet: MagDiffUNetModel,
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection,
-        feature_extractor: CLIPImageProcessor | None = None,
     ) -> None:
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=scheduler, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.video_processor = VideoProcessor(do_resize=False, vae_scale_factor=self.vae_scale_factor)
 
@@ -188,8 +196,13 @@ class MagDiffPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
         """Prompts -> text tokens (b, n_txt, c), padded to the tokenizer's max length as SD does."""
-        text_inputs = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                     truncation=True, return_tensors="pt")
+        text_inputs = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = text_inputs.attention_mask.to(device)
@@ -200,8 +213,6 @@ class MagDiffPipeline(DiffusionPipeline):
         """(n, 3, H, W) in [-1, 1] -> CLIP-normalised pixels at the image encoder's resolution."""
         size = self.image_encoder.config.image_size
         mean, std = _CLIP_MEAN, _CLIP_STD
-        if self.feature_extractor is not None:
-            mean, std = self.feature_extractor.image_mean, self.feature_extractor.image_std
         pixels = (images + 1.0) / 2.0
         if tuple(pixels.shape[-2:]) != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
@@ -253,8 +264,9 @@ class MagDiffPipeline(DiffusionPipeline):
             for scaled_size in pyramid_sizes(size[0], size[1], scales, self.vae_scale_factor):
                 resized = unique_images
                 if tuple(resized.shape[-2:]) != scaled_size:
-                    resized = F.interpolate(unique_images, size=scaled_size, mode="bicubic", antialias=True,
-                                            align_corners=False).clamp(-1.0, 1.0)
+                    resized = F.interpolate(
+                        unique_images, size=scaled_size, mode="bicubic", antialias=True, align_corners=False
+                    ).clamp(-1.0, 1.0)
                 latents = self._vae_mean_latents(resized)[slot_to_unique.to(device)]  # (F, c, h_s, w_s)
                 subject_latents.append(latents.permute(1, 0, 2, 3)[None])  # (1, c, F, h_s, w_s)
         return subject_embeds, subject_latents
@@ -274,10 +286,20 @@ class MagDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ inputs
 
-    def check_inputs(self, prompt: str | list[str], subject_image: ImageInput | None, video: VideoInput | None,
-                     num_frames: int, height: int, width: int, keep: str, output_type: str,
-                     num_inference_steps: int, guidance_scale: float,
-                     callback_on_step_end_tensor_inputs: Sequence[str]) -> None:
+    def check_inputs(
+        self,
+        prompt: str | list[str],
+        subject_image: ImageInput | None,
+        video: VideoInput | None,
+        num_frames: int,
+        height: int,
+        width: int,
+        keep: str,
+        output_type: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> None:
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
             raise MagDiffInputError("`prompt` must be a string or a non-empty list of strings.")
         if subject_image is not None and video is not None:
@@ -285,11 +307,14 @@ class MagDiffPipeline(DiffusionPipeline):
         if num_frames < 1:
             raise MagDiffInputError(f"`num_frames` must be at least 1, got {num_frames}.")
         if num_frames > self.max_num_frames:
-            raise MagDiffInputError(f"`num_frames`={num_frames} is more than this model supports "
-                                    f"({self.max_num_frames}); ask for at most {self.max_num_frames} frames.")
+            raise MagDiffInputError(
+                f"`num_frames`={num_frames} is more than this model supports "
+                f"({self.max_num_frames}); ask for at most {self.max_num_frames} frames."
+            )
         if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
-            raise MagDiffInputError(f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, "
-                                    f"got {height}x{width}.")
+            raise MagDiffInputError(
+                f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, got {height}x{width}."
+            )
         if keep not in KEEP_MODES:
             raise MagDiffInputError(f"`keep` must be one of {KEEP_MODES}, got {keep!r}.")
         if output_type not in OUTPUT_TYPES:
@@ -300,8 +325,9 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
-            raise MagDiffInputError(f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}"
-                                    f", got {unknown}.")
+            raise MagDiffInputError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {unknown}."
+            )
 
     def prepare_subject_slots(
         self,
@@ -319,26 +345,34 @@ class MagDiffPipeline(DiffusionPipeline):
         if subject_image is not None:
             mask = subject_mask
             if mask is None and isinstance(subject_image, PIL.Image.Image) and "A" in subject_image.getbands():
-                mask = subject_image.getchannel("A").point(lambda alpha: 255 if alpha > 127 else 0)
+                alpha = subject_image.getchannel("A")
+                if alpha.getextrema()[0] < 255:  # a fully opaque alpha cuts nothing out: segment instead
+                    mask = alpha.point(lambda value: 255 if value > 127 else 0)
             if mask is None:
                 mask = self._segment_image(subject_image, segmenter)
             if hasattr(mask, "shape") or isinstance(mask, PIL.Image.Image):
                 image_size = _spatial_size(subject_image)
                 mask_size = _spatial_size(mask)
                 if image_size != mask_size:
-                    raise MagDiffInputError(f"The subject mask is {mask_size[1]}x{mask_size[0]} but the subject image "
-                                            f"is {image_size[1]}x{image_size[0]}; give a mask of the image's size.")
+                    raise MagDiffInputError(
+                        f"The subject mask is {mask_size[1]}x{mask_size[0]} but the subject image "
+                        f"is {image_size[1]}x{image_size[0]}; give a mask of the image's size."
+                    )
             image = image_to_tensor(subject_image, size, "subject_image")
             mask_tensor = mask_to_tensor(mask, size, "subject_mask")
             if mask_tensor.sum() == 0:
-                raise MagDiffInputError("The subject mask is empty (no pixel marks the subject); give a mask or an "
-                                        "RGBA image whose alpha covers the subject.")
+                raise MagDiffInputError(
+                    "The subject mask is empty (no pixel marks the subject); give a mask or an "
+                    "RGBA image whose alpha covers the subject."
+                )
             return generation_slots(image, mask_tensor, num_frames)
         if video is not None:
             frames = video_to_tensor(video)
             if frames.shape[0] < num_frames:
-                raise MagDiffInputError(f"The source video has {frames.shape[0]} frames but {num_frames} were asked; "
-                                        f"ask for at most {frames.shape[0]} frames (--num-frames).")
+                raise MagDiffInputError(
+                    f"The source video has {frames.shape[0]} frames but {num_frames} were asked; "
+                    f"ask for at most {frames.shape[0]} frames (--num-frames)."
+                )
             frames = frames[:num_frames]
             if video_masks is None:
                 from ..segmentation import segment_video
@@ -347,16 +381,20 @@ class MagDiffPipeline(DiffusionPipeline):
             else:
                 masks = masks_to_tensor(video_masks)
                 if masks.shape[0] < num_frames:
-                    raise MagDiffInputError(f"{masks.shape[0]} masks were given for {num_frames} frames; give one mask "
-                                            f"per frame.")
+                    raise MagDiffInputError(
+                        f"{masks.shape[0]} masks were given for {num_frames} frames; give one mask per frame."
+                    )
                 masks = masks[:num_frames]
                 if masks.shape[-2:] != frames.shape[-2:]:
-                    raise MagDiffInputError(f"The masks are {masks.shape[-1]}x{masks.shape[-2]} but the video frames "
-                                            f"are {frames.shape[-1]}x{frames.shape[-2]}; give masks of the frame size.")
+                    raise MagDiffInputError(
+                        f"The masks are {masks.shape[-1]}x{masks.shape[-2]} but the video frames "
+                        f"are {frames.shape[-1]}x{frames.shape[-2]}; give masks of the frame size."
+                    )
             empty = [int(i) for i in torch.nonzero(masks.flatten(1).sum(1) == 0).flatten()]
             if len(empty) == num_frames:
-                raise MagDiffInputError("Every mask is empty: nothing to keep. Give masks that cover the region to "
-                                        "keep.")
+                raise MagDiffInputError(
+                    "Every mask is empty: nothing to keep. Give masks that cover the region to keep."
+                )
             if empty:
                 raise MagDiffInputError(f"The mask of frame {empty[0]} is empty; every frame needs a non-empty mask.")
             if tuple(frames.shape[-2:]) != size:
@@ -379,11 +417,24 @@ class MagDiffPipeline(DiffusionPipeline):
             array = np.asarray(image)[..., :3].astype(np.uint8)
         return np.asarray(segmenter(array)).astype(np.float32)
 
-    def prepare_latents(self, batch_size: int, num_frames: int, height: int, width: int, dtype: torch.dtype,
-                        device: torch.device, generator: torch.Generator | list[torch.Generator] | None,
-                        latents: torch.Tensor | None = None) -> torch.Tensor:
-        shape = (batch_size, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_frames: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            num_frames,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -464,15 +515,28 @@ class MagDiffPipeline(DiffusionPipeline):
         width = width or default_width
         if num_frames is None:
             num_frames = 8 if video is None else min(len(video), self.max_num_frames)
-        self.check_inputs(prompt, subject_image, video, num_frames, height, width, keep, output_type,
-                          num_inference_steps, guidance_scale, callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt,
+            subject_image,
+            video,
+            num_frames,
+            height,
+            width,
+            keep,
+            output_type,
+            num_inference_steps,
+            guidance_scale,
+            callback_on_step_end_tensor_inputs,
+        )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
         batch_size = len(prompts)
         if negative_prompt is None:
             negative_prompt = ""
-        negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else (
-            [p for p in negative_prompt for _ in range(num_videos_per_prompt)]
+        negative_prompts = (
+            [negative_prompt] * len(prompts)
+            if isinstance(negative_prompt, str)
+            else ([p for p in negative_prompt for _ in range(num_videos_per_prompt)])
         )
         if len(negative_prompts) != batch_size:
             raise MagDiffInputError("`negative_prompt` must be a string or a list as long as `prompt`.")
@@ -481,13 +545,15 @@ class MagDiffPipeline(DiffusionPipeline):
         do_image_guidance = image_guidance_scale is not None and image_guidance_scale != 1.0
 
         # 1. Subject slots (SDA): slot 0 for generation, every slot for editing
-        slots, filled = self.prepare_subject_slots(num_frames, (height, width), subject_image, subject_mask, video,
-                                                   video_masks, keep, segmenter)
+        slots, filled = self.prepare_subject_slots(
+            num_frames, (height, width), subject_image, subject_mask, video, video_masks, keep, segmenter
+        )
 
         # 2. Text tokens
         text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
-        negative_embeds = self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance \
-            else None
+        negative_embeds = (
+            self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance else None
+        )
 
         # 3. Subject encodings: image tokens (APA) and the HFA latent pyramid, once for all steps
         subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
@@ -499,7 +565,7 @@ class MagDiffPipeline(DiffusionPipeline):
             empty_embeds, empty_latents = self.encode_subject_slots(empty, torch.zeros_like(filled), (height, width))
             empty_subject = self.unet.encode_subject(empty_embeds, empty_latents, latent_size).repeat(batch_size)
 
-        # 4. Classifier-free guidance branches: [empty text + subject] (+ [empty text + empty subject]) + [text + subject]
+        # 4. Guidance branches: [empty text + subject] (+ [empty text + empty subject]) + [text + subject]
         branch_text = [text_embeds]
         branch_subject = [subject]
         if do_text_guidance or do_image_guidance:
@@ -524,12 +590,14 @@ class MagDiffPipeline(DiffusionPipeline):
             for step, timestep in enumerate(timesteps):
                 model_input = torch.cat([latents] * num_branches)
                 model_input = self.scheduler.scale_model_input(model_input, timestep)
-                noise_pred = self.unet(model_input, timestep, encoder_hidden_states=context,
-                                       subject=subject_context).sample
+                noise_pred = self.unet(
+                    model_input, timestep, encoder_hidden_states=context, subject=subject_context
+                ).sample
                 noise_pred = self._combine_guidance(noise_pred, num_branches, guidance_scale, image_guidance_scale)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
                 if callback_on_step_end is not None:
-                    tensors = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, step, timestep, tensors) or {}
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
@@ -546,8 +614,9 @@ class MagDiffPipeline(DiffusionPipeline):
         return MagDiffPipelineOutput(frames=frames, subject_slots=slots, filled_slots=filled)
 
     @staticmethod
-    def _combine_guidance(noise_pred: torch.Tensor, num_branches: int, guidance_scale: float,
-                          image_guidance_scale: float | None) -> torch.Tensor:
+    def _combine_guidance(
+        noise_pred: torch.Tensor, num_branches: int, guidance_scale: float, image_guidance_scale: float | None
+    ) -> torch.Tensor:
         if num_branches == 1:
             return noise_pred
         if num_branches == 2:  # text guidance only; the subject is in both branches (paper)

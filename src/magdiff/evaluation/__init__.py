@@ -1,0 +1,1 @@
+"""Evaluation for magdiff: the exact, model-free oracle scorer (:mod:`magdiff.evaluation.oracle`)."""

@@ -1,0 +1,225 @@
+"""Subject-driven alignment (SDA): the subject slots that switch MagDiff between generation and editing.
+
+The model has one subject slot per frame. A slot holds a cut-out image (the subject, everything outside its mask
+set to black, -1 in ``[-1, 1]`` pixel space) or is empty (all -1).
+
+* generation: slot 0 holds the cut-out subject, slots 1..F-1 are empty (:func:`generation_slots`);
+* editing: every slot holds its frame's cut-out of the kept region (:func:`editing_slots`); the kept region is the
+  subject (the text changes the scene) or its complement (the text changes the subject);
+* training: :func:`random_slot_filling` mixes the paper's first-frame setting with all-filled and subset fillings.
+
+Every function returns ``(slots, filled)``: ``slots`` float ``(F, 3, H, W)`` in ``[-1, 1]`` and ``filled`` a bool
+``(F,)`` tensor saying which slots hold an image. All functions are pure tensor code (no I/O) and keep the device and
+dtype of their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from magdiff.errors import MagDiffInputError
+
+__all__ = [
+    "EMPTY_VALUE",
+    "complement",
+    "cut_out",
+    "editing_slots",
+    "empty_slots",
+    "generation_slots",
+    "random_slot_filling",
+]
+
+#: Pixel value of an empty slot / of everything outside a cut-out (black in ``[-1, 1]``).
+EMPTY_VALUE: float = -1.0
+
+
+def _check_image_and_mask(image: torch.Tensor, mask: torch.Tensor, what: str = "image") -> None:
+    if not isinstance(image, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise MagDiffInputError(
+            f"{what} and mask must be torch tensors, got {type(image).__name__} and {type(mask).__name__}."
+        )
+    if image.ndim not in (3, 4, 5) or image.shape[-3] != 3:
+        raise MagDiffInputError(
+            f"{what} must be (3, H, W), (F, 3, H, W) or (B, F, 3, H, W) in [-1, 1], got shape {tuple(image.shape)}."
+        )
+    if mask.ndim != image.ndim or mask.shape[-3] != 1:
+        raise MagDiffInputError(
+            f"the mask for a {what} of shape {tuple(image.shape)} must have the same rank with one channel "
+            f"({'(1, H, W)' if image.ndim == 3 else '(..., 1, H, W)'}), got shape {tuple(mask.shape)}."
+        )
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise MagDiffInputError(
+            f"mask size {tuple(mask.shape[-2:])} does not match {what} size {tuple(image.shape[-2:])} (height, width); "
+            "resize the mask with nearest-neighbour sampling to the image size."
+        )
+    for axis, (m, i) in enumerate(zip(mask.shape[:-3], image.shape[:-3])):
+        if m not in (1, i):
+            raise MagDiffInputError(
+                f"mask shape {tuple(mask.shape)} does not match {what} shape {tuple(image.shape)}: got {m} masks for "
+                f"{i} frames on axis {axis}; give one mask per frame."
+            )
+
+
+def cut_out(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``image * mask + (-1) * (1 - mask)``: keep the masked region, make everything else black (-1).
+
+    Works for ``(3, H, W)`` with a ``(1, H, W)`` mask, ``(F, 3, H, W)`` with ``(F, 1, H, W)`` and a leading batch
+    ``(B, F, 3, H, W)`` with ``(B, F, 1, H, W)`` (leading mask dimensions of size 1 broadcast). Masks are expected
+    in ``{0, 1}``; values in between blend linearly with black.
+
+    Raises:
+        MagDiffInputError: wrong ranks, a channel count other than 3 / 1, or mismatched sizes.
+    """
+    _check_image_and_mask(image, mask, "image" if image.ndim == 3 else "video")
+    m = mask.to(device=image.device, dtype=image.dtype)
+    return image * m + EMPTY_VALUE * (1.0 - m)
+
+
+def complement(masks: torch.Tensor) -> torch.Tensor:
+    """``1 - masks``: the region outside the subject (for ``keep="background"`` editing)."""
+    return 1.0 - masks
+
+
+def empty_slots(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(num_frames, 3, height, width)`` slots, all empty (every value -1)."""
+    if num_frames < 1 or height < 1 or width < 1:
+        raise MagDiffInputError(
+            f"num_frames, height and width must be positive, got {num_frames}, {height} and {width}."
+        )
+    return torch.full((num_frames, 3, height, width), EMPTY_VALUE, dtype=dtype, device=device)
+
+
+def generation_slots(
+    subject_image: torch.Tensor, subject_mask: torch.Tensor, num_frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation: slot 0 = the cut-out subject, slots 1..F-1 empty.
+
+    Args:
+        subject_image: ``(3, H, W)`` in ``[-1, 1]``.
+        subject_mask: ``(1, H, W)`` in ``{0, 1}``, not empty.
+        num_frames: ``F`` >= 1.
+
+    Returns:
+        ``slots (F, 3, H, W)`` and ``filled (F,)`` (only ``filled[0]`` is true).
+    """
+    if subject_image.ndim != 3:
+        raise MagDiffInputError(
+            f"subject_image must be a single (3, H, W) image, got shape {tuple(subject_image.shape)}."
+        )
+    _check_image_and_mask(subject_image, subject_mask, "subject image")
+    if not bool((subject_mask > 0).any()):
+        raise MagDiffInputError(
+            "the subject mask is empty: nothing would be cut out; supply a mask / PNG with alpha that covers the "
+            "subject."
+        )
+    height, width = subject_image.shape[-2:]
+    slots = empty_slots(num_frames, height, width, dtype=subject_image.dtype, device=subject_image.device)
+    slots[0] = cut_out(subject_image, subject_mask)
+    filled = torch.zeros(num_frames, dtype=torch.bool, device=subject_image.device)
+    filled[0] = True
+    return slots, filled
+
+
+def editing_slots(
+    frames: torch.Tensor, masks: torch.Tensor, keep: Literal["subject", "background"] = "subject"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Editing: every slot = its frame's cut-out of the kept region.
+
+    ``keep="subject"`` keeps what the masks cover (the text changes the scene); ``keep="background"`` keeps the
+    complement ``1 - mask`` (the text changes the subject).
+
+    Args:
+        frames: ``(F, 3, H, W)`` in ``[-1, 1]``.
+        masks: ``(F, 1, H, W)`` in ``{0, 1}``, one per frame.
+
+    Returns:
+        ``slots (F, 3, H, W)`` and ``filled (F,)`` (all true).
+
+    Raises:
+        MagDiffInputError: wrong shapes, an unknown ``keep``, or a frame whose kept region is empty (named).
+    """
+    if keep not in ("subject", "background"):
+        raise MagDiffInputError(f"keep must be 'subject' or 'background', got {keep!r}.")
+    if frames.ndim != 4:
+        raise MagDiffInputError(f"frames must be a (F, 3, H, W) video, got shape {tuple(frames.shape)}.")
+    _check_image_and_mask(frames, masks, "video")
+    if masks.shape[0] != frames.shape[0]:
+        raise MagDiffInputError(
+            f"got {masks.shape[0]} masks for {frames.shape[0]} frames; editing needs exactly one mask per frame."
+        )
+    kept = masks if keep == "subject" else complement(masks)
+    present = (kept > 0).flatten(1).any(1)
+    if not bool(present.all()):
+        index = int((~present).nonzero()[0])
+        reason = "its mask is empty" if keep == "subject" else "its mask covers the whole frame"
+        raise MagDiffInputError(
+            f"frame {index} has nothing to keep with keep={keep!r} ({reason}); fix that frame's mask: every frame "
+            "needs a non-empty region to keep."
+        )
+    slots = cut_out(frames, kept)
+    return slots, torch.ones(frames.shape[0], dtype=torch.bool, device=frames.device)
+
+
+def random_slot_filling(
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p_all: float = 0.3,
+    p_subset: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time slot filling (one draw per clip).
+
+    * with probability ``p_all``: every slot filled (the editing setting);
+    * with probability ``p_subset``: slot 0 plus a random proper, non-empty subset of slots 1..F-1, i.e. between 2
+      and F-1 slots filled (the number of extra slots is uniform in ``1..F-2``, which slots uniform among those);
+      for ``F <= 2`` no such subset exists and this case fills every slot;
+    * otherwise: only slot 0 (the paper's first-frame generation setting).
+
+    Slot 0 is always filled, so every training example still teaches the generation case (subject in the first
+    slot) and the three settings nest. Slots are cut-outs of the subject (``frame * mask``); a chosen frame whose mask
+    is empty (subject out of view) gives an all-black slot and is reported as not filled.
+
+    Draws come only from ``generator`` (CPU ``torch.Generator``), so the same seed gives the same filling.
+
+    Raises:
+        MagDiffInputError: probabilities outside ``[0, 1]`` or ``p_all + p_subset > 1``, or wrong shapes.
+    """
+    for name, value in (("p_all", p_all), ("p_subset", p_subset)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise MagDiffInputError(f"{name} must be a probability in [0, 1], got {value}.")
+    if p_all + p_subset > 1.0 + 1e-9:
+        raise MagDiffInputError(
+            f"p_all + p_subset must be at most 1 (the rest is the first-frame-only probability), got "
+            f"{p_all} + {p_subset} = {p_all + p_subset}."
+        )
+    if frames.ndim != 4:
+        raise MagDiffInputError(f"frames must be a (F, 3, H, W) video, got shape {tuple(frames.shape)}.")
+    _check_image_and_mask(frames, masks, "video")
+    if masks.shape[0] != frames.shape[0]:
+        raise MagDiffInputError(f"got {masks.shape[0]} masks for {frames.shape[0]} frames; give one mask per frame.")
+
+    num_frames = frames.shape[0]
+    chosen = torch.zeros(num_frames, dtype=torch.bool)
+    chosen[0] = True
+    u = float(torch.rand((), generator=generator))
+    if u < p_all or (u < p_all + p_subset and num_frames <= 2):
+        chosen[:] = True
+    elif u < p_all + p_subset:
+        extra = int(torch.randint(1, num_frames - 1, (), generator=generator))  # 1..F-2
+        picked = torch.randperm(num_frames - 1, generator=generator)[:extra] + 1
+        chosen[picked] = True
+    chosen = chosen.to(frames.device)
+
+    cut = cut_out(frames, masks)
+    slots = torch.where(chosen[:, None, None, None], cut, torch.full_like(cut, EMPTY_VALUE))
+    has_subject = (masks > 0).flatten(1).any(1).to(frames.device)
+    return slots, chosen & has_subject
