@@ -203,6 +203,64 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     print(f"wrote an untrained MagDiff pipeline to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .training.config import config_from_dict, get_preset, load_config
+    from .training.trainer import train
+
+    config = load_config(args.config) if args.config else get_preset(args.preset)
+    overrides = {}
+    for item in args.set or []:
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise MagDiffInputError(f"--set {item!r}: use key=value (e.g. --set max_steps=2000).")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    config = config_from_dict(overrides, config)
+    export = train(config, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {config.max_steps} steps; model written to {export}")
+
+
+def cmd_evaluate_world(args: argparse.Namespace) -> None:
+    import json
+
+    from .evaluation.world_benchmark import evaluate_world
+
+    pipeline = load_pipeline(args)
+    pipeline.set_progress_bar_config(disable=True)
+    tasks = tuple(args.tasks.split(",")) if args.tasks else ("generation", "empty_subject", "editing")
+    results = evaluate_world(
+        pipeline,
+        num_samples=args.num_samples,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        tasks=tasks,
+        preview_path=args.preview,
+    )
+    width = max(len(key) for key in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    if args.out:
+        from .media import write_text_atomically
+
+        write_text_atomically(
+            args.out, json.dumps({"num_samples": args.num_samples, "steps": args.steps, "results": results}, indent=2)
+        )
+        print(f"wrote {args.out}")
+
+
+def cmd_world_preview(args: argparse.Namespace) -> None:
+    from .data.world import render_preview
+
+    path = render_preview(args.out, num_samples=args.num_samples, seed=args.seed)
+    print(f"wrote {path}")
+
+
 def _size(args: argparse.Namespace, pipeline) -> tuple[int, int]:
     default_height, default_width = pipeline.default_size
     return args.height or default_height, args.width or default_width
@@ -279,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--overwrite", action="store_true")
     assemble.add_argument("--out", required=True, help="output pipeline folder")
     assemble.set_defaults(func=cmd_assemble)
+
+    train_parser = commands.add_parser("train", help="train MagDiff (accelerate; works under torchrun)")
+    source = train_parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="world", help="config preset: world (default), world-tiny, paper")
+    source.add_argument("--config", default=None, help="YAML/JSON training config (unknown keys are errors)")
+    train_parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    train_parser.add_argument("--output-dir", default=None)
+    train_parser.add_argument("--max-steps", type=int, default=None)
+    train_parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    train_parser.add_argument("--no-progress", action="store_true")
+    train_parser.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a model")
+    targets = evaluate.add_subparsers(dest="target", required=True)
+    world = targets.add_parser("world", help="the world benchmark, scored exactly by the oracle")
+    world.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
+    world.add_argument("--num-samples", type=int, default=200)
+    world.add_argument("--steps", type=int, default=25)
+    world.add_argument("--guidance-scale", type=float, default=7.5)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--tasks", default=None, help="comma-separated: generation,empty_subject,editing")
+    world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
+    world.add_argument("--out", default=None, help="write the results as JSON here")
+    world.add_argument("--device", default="auto")
+    world.add_argument("--dtype", choices=DTYPES, default="float32")
+    world.add_argument("--scheduler", choices=SCHEDULERS, default="default")
+    world.set_defaults(func=cmd_evaluate_world)
+
+    preview = commands.add_parser("world-preview", help="render a few world samples to a PNG")
+    preview.add_argument("--out", required=True)
+    preview.add_argument("--num-samples", type=int, default=6)
+    preview.add_argument("--seed", type=int, default=0)
+    preview.set_defaults(func=cmd_world_preview)
     return parser
 
 

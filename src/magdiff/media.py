@@ -785,3 +785,10 @@ def save_image(image: torch.Tensor | np.ndarray | Image.Image, path: str | os.Pa
     else:
         raise MagDiffInputError(f"cannot save {type(image).__name__} as an image; pass a tensor, array or PIL image.")
     return _write_atomically(p, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file (JSON results, manifests) atomically: a temporary sibling, then ``os.replace``."""
+    p = Path(path)
+    _check_output_parent(p)
+    return _write_atomically(p, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,1 @@
+"""Training loops for the components of the project's own models (trained on the synthetic world)."""

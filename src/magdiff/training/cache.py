@@ -1,0 +1,146 @@
+"""Cached encodings of the training clips (the frozen encoders run once, not every step).
+
+Per clip: the video latents, the caption's text tokens, and for EVERY frame its cut-out subject encoded both ways
+(image-encoder hidden states for APA, the HFA latent pyramid). Empty slots, the empty prompt: encoded once. At
+train time a slot-filling draw picks, per slot, the frame's cut-out or the empty encoding, so one cache serves the
+generation setting (slot 0), the editing setting (all slots) and random subsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..pipelines.pipeline_magdiff import MagDiffPipeline
+from ..sda import cut_out, empty_slots
+
+CACHE_DTYPE = torch.float16
+
+
+@dataclass
+class EncodedClips:
+    """Encodings of N clips of F frames (tensors stored in float16; cast at use)."""
+
+    latents: torch.Tensor  # (N, c, F, h, w) video latents, scaled
+    text: torch.Tensor  # (N, n_txt, c_txt)
+    slot_embeds: torch.Tensor  # (N, F, n_img, d) image-encoder states of each frame's cut-out
+    slot_pyramid: list[torch.Tensor]  # per scale (N, F, c, h_s, w_s) HFA latents of each frame's cut-out
+    empty_text: torch.Tensor  # (n_txt, c_txt)
+    empty_embeds: torch.Tensor  # (n_img, d)
+    empty_pyramid: list[torch.Tensor]  # per scale (c, h_s, w_s)
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        tensors = {
+            "latents": self.latents,
+            "text": self.text,
+            "slot_embeds": self.slot_embeds,
+            "empty_text": self.empty_text,
+            "empty_embeds": self.empty_embeds,
+        }
+        for index, (slot, empty) in enumerate(zip(self.slot_pyramid, self.empty_pyramid)):
+            tensors[f"slot_pyramid.{index}"] = slot
+            tensors[f"empty_pyramid.{index}"] = empty
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial")
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata={"fingerprint": self.fingerprint}
+        )
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EncodedClips:
+        with safe_open(str(path), framework="pt") as handle:
+            fingerprint = (handle.metadata() or {}).get("fingerprint", "")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        scales = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("slot_pyramid."))
+        return cls(
+            tensors["latents"],
+            tensors["text"],
+            tensors["slot_embeds"],
+            [tensors[f"slot_pyramid.{i}"] for i in scales],
+            tensors["empty_text"],
+            tensors["empty_embeds"],
+            [tensors[f"empty_pyramid.{i}"] for i in scales],
+            fingerprint,
+        )
+
+
+def fingerprint(
+    pipeline: MagDiffPipeline, dataset_name: str, num_samples: int, num_frames: int, resolution: int
+) -> str:
+    """Identifies what a cache was built from (data + frozen encoders), so a stale cache is rebuilt."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            [
+                dataset_name,
+                num_samples,
+                num_frames,
+                resolution,
+                list(pipeline.unet.config.hfa_scales),
+                pipeline.unet.config.hfa,
+                pipeline.unet.config.image_encoder_hidden_layer,
+            ]
+        ).encode()
+    )
+    for module in (pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
+        for name, tensor in sorted(module.state_dict().items())[:8]:
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_clips(
+    pipeline: MagDiffPipeline,
+    dataset: Dataset,
+    num_samples: int,
+    resolution: int,
+    fingerprint_value: str,
+    progress: bool = True,
+) -> EncodedClips:
+    """Run the frozen encoders over the first ``num_samples`` clips of ``dataset``."""
+    size = (resolution, resolution)
+    latents, texts, slot_embeds = [], [], []
+    slot_pyramid: list[list[torch.Tensor]] = []
+    for index in tqdm(range(num_samples), desc="caching latents", disable=not progress):
+        sample = dataset[index]
+        frames, masks = sample["frames"], sample["masks"]  # (F, 3, H, W), (F, 1, H, W)
+        if tuple(frames.shape[-2:]) != size:
+            raise ValueError(f"Clip {index} is {tuple(frames.shape[-2:])}, the config asks for {size}.")
+        num_frames = frames.shape[0]
+        latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
+        texts.append(pipeline.encode_prompt([sample["caption"]], pipeline.device)[0].to(CACHE_DTYPE))
+        cutouts = cut_out(frames, masks)  # (F, 3, H, W)
+        embeds, pyramid = pipeline.encode_subject_slots(cutouts, torch.ones(num_frames, dtype=torch.bool), size)
+        slot_embeds.append(embeds[0].to(CACHE_DTYPE))  # (F, n, d)
+        for scale, level in enumerate(pyramid):  # (1, c, F, h_s, w_s)
+            if len(slot_pyramid) <= scale:
+                slot_pyramid.append([])
+            slot_pyramid[scale].append(level[0].permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (F, c, h_s, w_s)
+    empty = empty_slots(1, *size)
+    empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size)
+    empty_text = pipeline.encode_prompt([""], pipeline.device)[0]
+    return EncodedClips(
+        latents=torch.stack(latents),
+        text=torch.stack(texts),
+        slot_embeds=torch.stack(slot_embeds),
+        slot_pyramid=[torch.stack(level) for level in slot_pyramid],
+        empty_text=empty_text.to(CACHE_DTYPE),
+        empty_embeds=empty_embeds[0, 0].to(CACHE_DTYPE),
+        empty_pyramid=[level[0, :, 0].to(CACHE_DTYPE) for level in empty_pyramid],
+        fingerprint=fingerprint_value,
+    )

@@ -1,0 +1,169 @@
+"""Training checkpoints without pickles: safetensors for every tensor, JSON for everything else.
+
+A checkpoint is a folder ``step_000500/`` holding ``unet.safetensors`` (the full U-Net state), ``optimizer.safetensors``
+(every optimiser state tensor; param groups as JSON metadata), ``ema.safetensors`` (when EMA is on) and
+``state.json`` (step, LR-scheduler state, config). Folders are written to a temporary name and renamed into place,
+and only the last ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import MagDiffInputError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ExponentialMovingAverage:
+    """EMA of named parameters with the usual warm-up: ``decay_t = min(decay, (1 + t) / (10 + t))``."""
+
+    def __init__(self, named_parameters: dict[str, nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: parameter.detach().clone().float() for name, parameter in named_parameters.items()}
+
+    @torch.no_grad()
+    def update(self, named_parameters: dict[str, nn.Parameter], step: int) -> None:
+        decay = min(self.decay, (1.0 + step) / (10.0 + step))
+        for name, parameter in named_parameters.items():
+            self.shadow[name].mul_(decay).add_(parameter.detach().float(), alpha=1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        parameters = dict(module.named_parameters())
+        for name, value in self.shadow.items():
+            parameters[name].copy_(value.to(parameters[name].dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value.contiguous() for name, value in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        unexpected = set(state) - set(self.shadow)
+        if missing or unexpected:
+            raise MagDiffInputError(
+                f"EMA state does not match the model: missing {sorted(missing)[:3]}, unexpected "
+                f"{sorted(unexpected)[:3]}."
+            )
+        self.shadow = {name: state[name].float().clone() for name in self.shadow}
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimiser state dict: tensors -> ``state.<param>.<key>``, the rest -> JSON metadata."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, metadata
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in json.loads(metadata.get("scalars", "{}")).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: ExponentialMovingAverage | None,
+    extra: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``directory/step_XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
+        tensors, metadata = optimizer_to_safetensors(optimizer)
+        save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
+        if ema is not None:
+            save_file(ema.state_dict(), str(staging / "ema.safetensors"))
+        state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), **extra}
+        (staging / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(directory: str | Path, resume: str) -> Path:
+    """``"latest"`` -> the newest checkpoint in ``directory``; otherwise a checkpoint folder path."""
+    if resume == "latest":
+        checkpoints = list_checkpoints(directory)
+        if not checkpoints:
+            raise MagDiffInputError(f"--resume latest: no checkpoint in {directory}; start without --resume.")
+        return checkpoints[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise MagDiffInputError(
+            f"--resume {resume} is not a checkpoint folder (no state.json); give a step_* folder or 'latest'."
+        )
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    unet: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: ExponentialMovingAverage | None,
+) -> dict[str, Any]:
+    """Restore every piece of training state from a checkpoint folder; returns its ``state.json``."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    unet_state = load_file(str(path / "unet.safetensors"))
+    missing, unexpected = unet.load_state_dict(unet_state, strict=False)
+    if missing or unexpected:
+        raise MagDiffInputError(
+            f"Checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    optimizer.load_state_dict(optimizer_from_safetensors(tensors, metadata))
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema_path = path / "ema.safetensors"
+        if not ema_path.is_file():
+            raise MagDiffInputError(f"Checkpoint {path} has no EMA weights but the config enables EMA.")
+        ema.load_state_dict(load_file(str(ema_path)))
+    return state

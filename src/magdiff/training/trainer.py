@@ -1,0 +1,350 @@
+"""The MagDiff training loop: one accelerate loop that reads top to bottom.
+
+    magdiff train --preset world                      # the default model, from scratch
+    magdiff train --config my_run.yaml --resume latest
+    torchrun --nproc_per_node 4 -m magdiff.cli train --config my_run.yaml
+
+Reproducibility: every step draws its batch, slot filling, text dropout, noise and timesteps from a generator
+seeded by (seed, step, rank), so a resumed run continues exactly where it stopped (checkpoints restore the weights,
+the optimiser, the LR schedule and the EMA), and N processes see different data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..errors import MagDiffInputError
+from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
+from ..pipelines.pipeline_magdiff import MagDiffPipeline
+from .cache import EncodedClips, encode_clips, fingerprint
+from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (b, c, F, h, w)
+    text: torch.Tensor  # (b, n_txt, c)
+    subject_embeds: torch.Tensor  # (b, F, n_img, d)
+    subject_latents: list[torch.Tensor]  # per scale (b, c, F, h_s, w_s)
+    noise: torch.Tensor  # (b, c, F, h, w)
+    timesteps: torch.Tensor  # (b,)
+    filled: torch.Tensor  # (b, F) bool
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+def draw_slot_filling(
+    batch_size: int, num_frames: int, generator: torch.Generator, p_all: float, p_subset: float
+) -> torch.Tensor:
+    """Which subject slots hold the frame's cut-out: slot 0 always (the paper's first-frame subject); with p_all
+    every slot (editing); with p_subset slot 0 plus each other slot with probability 1/2. Returns (b, F) bool."""
+    draw = torch.rand(batch_size, generator=generator)
+    others = torch.rand(batch_size, num_frames, generator=generator) < 0.5
+    filled = torch.zeros(batch_size, num_frames, dtype=torch.bool)
+    filled[:, 0] = True
+    all_slots = draw < p_all
+    subset = (draw >= p_all) & (draw < p_all + p_subset)
+    filled[all_slots] = True
+    filled[subset] = filled[subset] | others[subset]
+    return filled
+
+
+def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int) -> Batch:
+    """Assemble one training batch from the cache (indices, slots, text dropout, noise, timesteps)."""
+    batch_size = config.batch_size
+    index = torch.randint(0, len(clips), (batch_size,), generator=generator)
+    latents = clips.latents[index].float()
+    num_frames = latents.shape[2]
+    text = clips.text[index].float()
+    dropped = torch.rand(batch_size, generator=generator) < config.text_dropout  # CFG: empty prompt
+    text[dropped] = clips.empty_text.float()
+    filled = draw_slot_filling(
+        batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
+    )
+    embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[index].float(), clips.empty_embeds.float())
+    pyramid = []
+    for slot_level, empty_level in zip(clips.slot_pyramid, clips.empty_pyramid):
+        level = torch.where(filled[:, :, None, None, None], slot_level[index].float(), empty_level.float())
+        pyramid.append(level.permute(0, 2, 1, 3, 4))  # (b, c, F, h_s, w_s)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled)
+
+
+def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
+    """The pipeline whose U-Net trains: loaded from ``config.model`` or the world model built from scratch."""
+    if config.model is not None:
+        if not (Path(config.model) / "model_index.json").is_file():
+            raise MagDiffInputError(f"model={config.model} is not a MagDiff pipeline folder (no model_index.json).")
+        return MagDiffPipeline.from_pretrained(config.model)
+    from ..world_model import world_components, world_unet
+
+    components = world_components(config.vae, seed=config.seed)
+    latent_size = config.resolution // 2 ** (len(components["vae"].config.block_out_channels) - 1)
+    unet = world_unet(
+        tuple(config.unet_channels),
+        sample_size=latent_size,
+        apa=config.apa,
+        hfa=config.hfa,
+        max_frames=max(16, config.num_frames),
+        seed=config.seed,
+    )
+    return MagDiffPipeline(unet=unet, **components)
+
+
+def training_dataset(config: TrainConfig):
+    if config.dataset == "world":
+        from ..data.world import TRAIN_SEED_OFFSET, WorldConfig, WorldDataset
+
+        return WorldDataset(
+            config.num_train_samples,
+            seed_offset=TRAIN_SEED_OFFSET,
+            config=WorldConfig(num_frames=config.num_frames, size=config.resolution),
+        )
+    from ..data.manifest import ManifestDataset
+
+    return ManifestDataset(config.dataset, num_frames=config.num_frames, size=(config.resolution, config.resolution))
+
+
+def load_or_build_cache(
+    config: TrainConfig, pipeline: MagDiffPipeline, accelerator: Accelerator, progress: bool
+) -> EncodedClips:
+    cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
+    dataset = training_dataset(config)
+    num_samples = min(config.num_train_samples, len(dataset))
+    expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution)
+    path = cache_dir / f"clips_{expected}.safetensors"
+    if accelerator.is_main_process and not path.is_file():
+        clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress)
+        clips.save(path)
+    accelerator.wait_for_everyone()
+    return EncodedClips.load(path)
+
+
+def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True) -> Path:
+    """Train; returns the folder of the exported pipeline (``<output_dir>/model``)."""
+    config.validate()
+    output_dir = Path(config.output_dir)
+    # accelerate only starts its multi-CPU (gloo) mode when asked for the CPU explicitly.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_cpu,
+        mixed_precision=config.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    torch.manual_seed(config.seed)
+
+    # 1. Model and frozen components; the cache of encoded clips
+    pipeline = build_pipeline(config)
+    pipeline.set_progress_bar_config(disable=True)
+    if pipeline.unet.config.motion_max_seq_length < config.num_frames:
+        raise MagDiffInputError(
+            f"num_frames={config.num_frames} exceeds the model's maximum "
+            f"({pipeline.unet.config.motion_max_seq_length})."
+        )
+    clips = load_or_build_cache(config, pipeline, accelerator, progress and accelerator.is_main_process)
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, prediction_type=config.prediction_type)
+
+    # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
+    unet: MagDiffUNetModel = pipeline.unet
+    unet.train()
+    parameters = configure_trainable_parameters(unet)
+    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
+    ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay else None
+
+    # 3. Resume
+    start_step = 0
+    if resume is not None:
+        checkpoint = resolve_resume(output_dir / "checkpoints", resume)
+        start_step = load_checkpoint(checkpoint, unet, optimizer, lr_scheduler, ema)["step"]
+        if accelerator.is_main_process:
+            print(f"resumed from {checkpoint} (step {start_step})")
+    model, optimizer = accelerator.prepare(unet, optimizer)
+
+    # 4. The loop
+    log_path = output_dir / LOG_FILE
+    running_loss, running_count, started = 0.0, 0, time.perf_counter()
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        desc="training",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    for step in range(start_step, config.max_steps):
+        generator = step_generator(config.seed, step, rank)
+        batch = make_batch(clips, config, generator, noise_scheduler.config.num_train_timesteps)
+        noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        if config.prediction_type == "epsilon":
+            target = batch.noise
+        else:
+            target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+
+        with accelerator.autocast():
+            prediction = model(
+                noisy,
+                batch.timesteps,
+                encoder_hidden_states=batch.text,
+                subject_embeds=batch.subject_embeds,
+                subject_latents=batch.subject_latents,
+            ).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(trainable, step)
+
+        running_loss += accelerator.reduce(loss.detach(), reduction="mean").item()
+        running_count += 1
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == config.max_steps:
+            record = {
+                "step": done,
+                "loss": running_loss / running_count,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - started, 2),
+                "processes": world_size,
+            }
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if accelerator.is_main_process:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            running_loss, running_count = 0.0, 0
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    output_dir / "checkpoints",
+                    done,
+                    accelerator.unwrap_model(model),
+                    optimizer,
+                    lr_scheduler,
+                    ema,
+                    {"config": config.to_dict()},
+                    config.keep_checkpoints,
+                )
+            accelerator.wait_for_everyone()
+        if done % config.validate_every == 0 and accelerator.is_main_process:
+            validate(pipeline, ema, config, done, output_dir)
+            unet.train()
+    bar.close()
+    check_replicas_agree(accelerator, unet, log_path)
+
+    # 5. Export the pipeline (EMA weights when EMA is on)
+    export_dir = output_dir / "model"
+    if accelerator.is_main_process:
+        export_pipeline(pipeline, ema, export_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export_dir
+
+
+def weights_checksum(module: torch.nn.Module) -> float:
+    """An order-sensitive checksum of every parameter (equal weights -> equal checksum)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for index, parameter in enumerate(module.parameters()):
+        total += (parameter.detach().double().flatten() * (1.0 + 1e-3 * index)).sum()
+    return float(total)
+
+
+def check_replicas_agree(accelerator: Accelerator, unet: torch.nn.Module, log_path: Path) -> list[float]:
+    """All processes must end with identical weights; log every rank's checksum and fail loudly otherwise."""
+    checksum = torch.tensor([weights_checksum(unet)], dtype=torch.float64)
+    checksums = [float(value) for value in accelerator.gather(checksum).flatten()]
+    if accelerator.is_main_process:
+        with log_path.open("a") as handle:
+            handle.write(json.dumps({"final_weight_checksums": checksums}) + "\n")
+    if any(value != checksums[0] for value in checksums):
+        raise RuntimeError(f"Processes ended with different weights: {checksums}")
+    return checksums
+
+
+def _with_ema(pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None) -> dict[str, torch.Tensor] | None:
+    """Swap the EMA weights in; returns the raw weights to restore."""
+    if ema is None:
+        return None
+    raw = {name: p.detach().clone() for name, p in pipeline.unet.named_parameters() if name in ema.shadow}
+    ema.copy_to(pipeline.unet)
+    return raw
+
+
+def _restore(pipeline: MagDiffPipeline, raw: dict[str, torch.Tensor] | None) -> None:
+    if raw is None:
+        return
+    with torch.no_grad():
+        parameters = dict(pipeline.unet.named_parameters())
+        for name, value in raw.items():
+            parameters[name].copy_(value)
+
+
+def export_pipeline(pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None, directory: Path) -> Path:
+    from ..pipelines.assembly import save_pipeline_atomically
+
+    raw = _with_ema(pipeline, ema)
+    try:
+        pipeline.unet.eval()
+        return save_pipeline_atomically(pipeline, directory)
+    finally:
+        _restore(pipeline, raw)
+
+
+def validate(
+    pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None, config: TrainConfig, step: int, output_dir: Path
+) -> dict[str, Any]:
+    """Generate with the real pipeline on held-out clips; write a GIF and (for the world) the oracle's scores."""
+    raw = _with_ema(pipeline, ema)
+    try:
+        pipeline.unet.eval()
+        if config.dataset != "world":
+            return {}
+        from ..evaluation.world_benchmark import evaluate_world
+
+        results = evaluate_world(
+            pipeline,
+            num_samples=config.num_validation_samples,
+            num_inference_steps=config.validation_inference_steps,
+            num_frames=config.num_frames,
+            resolution=config.resolution,
+            preview_path=output_dir / "validation" / f"step_{step:06d}.gif",
+            progress=False,
+        )
+        record = {"step": step, "validation": results}
+        with (output_dir / "validation_log.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        summary = ", ".join(f"{k}={v:.3f}" for k, v in results.items() if isinstance(v, float) and not math.isnan(v))
+        tqdm.write(f"validation @ {step}: {summary}")
+        return results
+    finally:
+        _restore(pipeline, raw)

@@ -1,0 +1,158 @@
+"""The small MagDiff of the synthetic world (the default model's architecture).
+
+Components, all small enough to ship in the package:
+- tokenizer: an offline CLIP tokenizer whose vocabulary spells every world word as one token (other words still
+  tokenise, as byte pieces);
+- text encoder and image encoder: small CLIP towers, randomly initialised from a fixed seed and kept frozen, as the
+  paper keeps its encoders frozen (random features of a frozen network still separate words and images; the
+  trainable Resampler and cross-attention learn to read them);
+- VAE: ``AutoencoderKL`` with factor 4 trained on world frames (``magdiff/assets/world_vae``);
+- U-Net: a ``UNetMotionModel``-shaped MagDiff U-Net (APA + HFA) at 16x16 latents, trained from scratch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .data.world import WORLD_VOCABULARY
+from .models.unet import MagDiffUNetModel
+from .tokenization import build_word_tokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WORLD_VAE_DIR = ASSETS / "world_vae"
+TEXT_LENGTH = 16
+TEXT_DIM = 64
+IMAGE_SIZE = 64
+IMAGE_PATCH = 8
+IMAGE_DIM = 64
+
+
+def world_scheduler() -> DDIMScheduler:
+    """SD's noise schedule (scaled-linear betas 0.00085..0.012, 1000 steps), DDIM sampling."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def world_tokenizer():
+    return build_word_tokenizer(WORLD_VOCABULARY, model_max_length=TEXT_LENGTH)
+
+
+def world_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def world_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+    torch.manual_seed(seed + 1)
+    config = CLIPVisionConfig(
+        hidden_size=IMAGE_DIM,
+        image_size=IMAGE_SIZE,
+        patch_size=IMAGE_PATCH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=4 * IMAGE_DIM,
+        projection_dim=IMAGE_DIM,
+    )
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def world_vae(path: str | Path | None = None, seed: int = 0) -> AutoencoderKL:
+    """The trained world VAE (``path``, else the packaged one); a fresh factor-4 VAE when neither exists."""
+    folder = Path(path) if path is not None else WORLD_VAE_DIR
+    if (folder / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(folder).eval()
+    if path is not None:
+        raise FileNotFoundError(f"No VAE at {folder} (expected config.json + safetensors).")
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    ).eval()
+
+
+def world_unet(
+    channels: tuple[int, ...] = (64, 128, 128),
+    *,
+    sample_size: int = 16,
+    apa: str = "learned",
+    hfa: str = "pyramid",
+    max_frames: int = 16,
+    seed: int = 0,
+) -> MagDiffUNetModel:
+    """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere."""
+    torch.manual_seed(seed)
+    levels = len(channels)
+    down = tuple("CrossAttnDownBlockMotion" if i < levels - 1 else "DownBlockMotion" for i in range(levels))
+    up = tuple("UpBlockMotion" if i == 0 else "CrossAttnUpBlockMotion" for i in range(levels))
+    heads = tuple(max(1, c // 32) for c in channels)
+    unet = MagDiffUNetModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=min(16, channels[0] // 2),
+        cross_attention_dim=TEXT_DIM,
+        num_attention_heads=heads,
+        motion_num_attention_heads=4,
+        motion_max_seq_length=max_frames,
+        use_motion_mid_block=True,
+        apa=apa,
+        hfa=hfa,
+        hfa_hidden_channels=16,
+        image_embed_dim=IMAGE_DIM,
+        num_image_tokens=16,
+        resampler_hidden_dim=64,
+        resampler_depth=2,
+        resampler_heads=1,
+        resampler_dim_head=64,
+    )
+    # From scratch there is no base to preserve: let the HFA channels of conv_in start small but non-zero so the
+    # subject latents get a gradient from the first step.
+    if hfa != "off":
+        with torch.no_grad():
+            unet.conv_in.weight[:, 4:].normal_(0.0, 0.02)
+    return unet
+
+
+def world_components(vae: str | Path | None = None, seed: int = 0) -> dict:
+    """Every frozen component of the world model (everything but the U-Net)."""
+    tokenizer = world_tokenizer()
+    return {
+        "vae": world_vae(vae, seed),
+        "text_encoder": world_text_encoder(len(tokenizer), seed),
+        "tokenizer": tokenizer,
+        "image_encoder": world_image_encoder(seed),
+        "scheduler": world_scheduler(),
+    }

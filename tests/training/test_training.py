@@ -1,0 +1,152 @@
+"""The training loop: config handling, exact resume, multi-process agreement, checkpoints without pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from magdiff import MagDiffInputError, MagDiffPipeline
+from magdiff.training.checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors
+from magdiff.training.config import TrainConfig, config_from_dict, get_preset, load_config
+from magdiff.training.trainer import draw_slot_filling, train
+
+FAST = {"num_train_samples": 4, "batch_size": 1, "unet_channels": (16, 32), "num_frames": 4}
+
+
+def _config(tmp_path, name, **overrides):
+    values = {**FAST, "output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), **overrides}
+    return config_from_dict(values, get_preset("world-tiny"))
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("training")
+
+
+def test_config_files_and_errors(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: world-tiny\nmax_steps: 7\nunet_channels: [8, 16]\n")
+    config = load_config(tmp_path / "run.yaml")
+    assert config.max_steps == 7 and config.unet_channels == (8, 16) and config.num_frames == 4
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(MagDiffInputError, match="Unknown training config keys"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(MagDiffInputError, match="slot_fill"):
+        config_from_dict({"slot_fill_all_probability": 0.8, "slot_fill_subset_probability": 0.5})
+    with pytest.raises(MagDiffInputError, match="Unknown training preset"):
+        get_preset("huge")
+    paper = TrainConfig()
+    assert (
+        paper.learning_rate,
+        paper.weight_decay,
+        paper.warmup_steps,
+        paper.max_grad_norm,
+        paper.batch_size,
+        paper.text_dropout,
+        paper.prediction_type,
+    ) == (5e-5, 0.01, 100, 1.0, 8, 0.15, "epsilon")
+
+
+def test_slot_filling_probabilities():
+    generator = torch.Generator().manual_seed(0)
+    filled = draw_slot_filling(4000, 8, generator, p_all=0.3, p_subset=0.2)
+    assert filled[:, 0].all()
+    all_filled = filled.all(dim=1).float().mean()
+    only_first = (filled.sum(dim=1) == 1).float().mean()
+    assert abs(all_filled - (0.3 + 0.2 / 128)) < 0.03
+    assert abs(only_first - (0.5 + 0.2 / 128)) < 0.03
+
+
+def test_optimizer_state_round_trips_through_safetensors():
+    parameter = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([parameter], lr=0.1)
+    parameter.grad = torch.randn(3, 2)
+    optimizer.step()
+    tensors, metadata = optimizer_to_safetensors(optimizer)
+    restored = optimizer_from_safetensors(tensors, metadata)
+    fresh = torch.optim.AdamW([torch.nn.Parameter(parameter.detach().clone())], lr=0.5)
+    fresh.load_state_dict(restored)
+    assert fresh.param_groups[0]["lr"] == 0.1
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][key], value)
+
+
+def test_resume_is_exact(module_tmp):
+    straight = train(_config(module_tmp, "straight", max_steps=4, checkpoint_every=2, ema_decay=0.9), progress=False)
+    halves = _config(module_tmp, "halves", max_steps=2, checkpoint_every=2, ema_decay=0.9)
+    train(halves, progress=False)
+    resumed = train(config_from_dict({"max_steps": 4}, halves), resume="latest", progress=False)
+    first = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
+    second = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    raw_first = load_file(str(module_tmp / "straight" / "checkpoints" / "step_000004" / "unet.safetensors"))
+    raw_second = load_file(str(module_tmp / "halves" / "checkpoints" / "step_000004" / "unet.safetensors"))
+    assert all(torch.equal(raw_first[k], raw_second[k]) for k in raw_first)
+    # Training changed the weights, and the log recorded every step.
+    log = [json.loads(line) for line in (module_tmp / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log if "step" in row] == [1, 2, 3, 4]
+
+
+def test_checkpoints_are_pruned_and_pickle_free(module_tmp):
+    run = module_tmp / "straight"
+    checkpoints = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_000002", "step_000004"]  # keep_checkpoints=2
+    files = sorted(p.name for p in checkpoints[-1].iterdir())
+    assert files == ["ema.safetensors", "optimizer.safetensors", "state.json", "unet.safetensors"]
+    assert not [p for p in run.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
+    pipeline = MagDiffPipeline.from_pretrained(run / "model")
+    assert pipeline.unet.config.block_out_channels == [16, 32]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(MagDiffInputError, match="no checkpoint"):
+        train(_config(tmp_path, "empty", max_steps=1), resume="latest", progress=False)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed",
+)
+def test_two_processes_end_with_identical_weights(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    output = tmp_path / "ddp"
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "magdiff.cli",
+        "train",
+        "--preset",
+        "world-tiny",
+        "--output-dir",
+        str(output),
+        "--no-progress",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "num_train_samples=4",
+        "--set",
+        "batch_size=1",
+        "--set",
+        "unet_channels=[16, 32]",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    checksums = next(row["final_weight_checksums"] for row in log if "final_weight_checksums" in row)
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert [row["processes"] for row in log if "step" in row] == [2, 2]
