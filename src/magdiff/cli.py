@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--scheduler", choices=SCHEDULERS, default="default")
     world.set_defaults(func=cmd_evaluate_world)
 
+    from .data.manifest import add_segment_dataset_parser
+
+    add_segment_dataset_parser(commands)
+
     preview = commands.add_parser("world-preview", help="render a few world samples to a PNG")
     preview.add_argument("--out", required=True)
     preview.add_argument("--num-samples", type=int, default=6)

@@ -103,18 +103,18 @@ class APAAttnProcessor(nn.Module):
         elif attn.norm_cross:
             text_tokens = attn.norm_encoder_hidden_states(text_tokens)
 
-        # Text branch: the base model's own projections.
+        # Text branch: the base model's own projections. a * softmax(QK^T)V == softmax(QK^T)(aV): the weight is
+        # applied to the few value tokens rather than to the many query positions.
         text_key = attn.to_k(text_tokens)
-        text_value = attn.to_v(text_tokens)
-        text_out = _multi_head_attention(attn, query, text_key, text_value, attention_mask).to(query.dtype)
-        hidden_states = self.a_txt.to(query.dtype) * text_out
+        text_value = attn.to_v(text_tokens) * self.a_txt.to(query.dtype)
+        hidden_states = _multi_head_attention(attn, query, text_key, text_value, attention_mask).to(query.dtype)
 
         # Image branch: new projections of the subject tokens.
         if image_tokens is not None:
             image_key = self.to_k_ip(image_tokens)
-            image_value = self.to_v_ip(image_tokens)
+            image_value = self.to_v_ip(image_tokens) * self.a_img.to(query.dtype)
             image_out = _multi_head_attention(attn, query, image_key, image_value, None).to(query.dtype)
-            hidden_states = hidden_states + self.a_img.to(query.dtype) * image_out
+            hidden_states = hidden_states + image_out
 
         hidden_states = attn.to_out[0](hidden_states)  # output projection
         hidden_states = attn.to_out[1](hidden_states)  # dropout
