@@ -91,3 +91,12 @@ def test_assemble_without_ip_adapter_and_overwrite_guard(public_parts, tmp_path)
         assemble_magdiff(public_parts["sd"], public_parts["motion_adapter"], public_parts["image_encoder"], out)
     with pytest.raises(MagDiffInputError, match="neither an existing folder nor a hub id"):
         assemble_magdiff(tmp_path / "missing" / "sd", public_parts["motion_adapter"], public_parts["image_encoder"])
+
+
+def test_pickled_ip_adapter_weights_are_refused(public_parts, tmp_path):
+    pickled = tmp_path / "ip-adapter-plus_sd15.bin"
+    pickled.write_bytes(b"not loaded")
+    with pytest.raises(MagDiffInputError, match="never unpickles"):
+        assemble_magdiff(
+            public_parts["sd"], public_parts["motion_adapter"], public_parts["image_encoder"], ip_adapter=pickled
+        )

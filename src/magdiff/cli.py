@@ -84,7 +84,7 @@ def load_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
     diffusers_logging.disable_progress_bar()
     model = resolve_model(args.model)
     dtype = getattr(torch, args.dtype)
-    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype)
+    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
     pipeline.to(_device(args.device))
     pipeline.set_progress_bar_config(disable=False, desc="denoising", leave=True)
     if args.scheduler != "default":

@@ -82,7 +82,7 @@ def world_vae(path: str | Path | None = None, seed: int = 0) -> AutoencoderKL:
     """The trained world VAE (``path``, else the packaged one); a fresh factor-4 VAE when neither exists."""
     folder = Path(path) if path is not None else WORLD_VAE_DIR
     if (folder / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(folder).eval()
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
     if path is not None:
         raise FileNotFoundError(f"No VAE at {folder} (expected config.json + safetensors).")
     torch.manual_seed(seed)

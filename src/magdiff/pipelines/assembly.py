@@ -27,7 +27,12 @@ def _split_weight_path(ip_adapter: str, subfolder: str | None, weight_name: str 
     """A local weight file -> (folder, "", file name); a folder or hub id keeps the given subfolder/name."""
     path = Path(ip_adapter)
     if path.is_file():
-        return str(path.parent), "", path.name
+        return _split_weight_path(str(path.parent), "", path.name)
+    if weight_name is not None and not weight_name.endswith(".safetensors"):
+        raise MagDiffInputError(
+            f"IP-Adapter weights must be a .safetensors file (magdiff never unpickles), got "
+            f"{weight_name!r}; use the .safetensors release of the weights."
+        )
     if weight_name is None:
         raise MagDiffInputError(
             f"IP-Adapter {ip_adapter!r} is not a file; also give its weight file name "
@@ -86,16 +91,21 @@ def assemble_magdiff(
         ("image encoder", image_encoder),
     ):
         _check_source(name, str(value))
+    ip_source = None
+    if ip_adapter is not None:  # checked before anything heavy is loaded
+        ip_source = _split_weight_path(str(ip_adapter), ip_adapter_subfolder, ip_adapter_weight_name)
 
-    adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=torch_dtype)
-    base = AnimateDiffPipeline.from_pretrained(str(base_model), motion_adapter=adapter, dtype=torch_dtype)
+    adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=torch_dtype, use_safetensors=True)
+    base = AnimateDiffPipeline.from_pretrained(
+        str(base_model), motion_adapter=adapter, dtype=torch_dtype, use_safetensors=True
+    )
     encoder_kwargs = {"subfolder": image_encoder_subfolder} if image_encoder_subfolder else {}
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(image_encoder), dtype=torch_dtype, **encoder_kwargs)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(
+        str(image_encoder), dtype=torch_dtype, use_safetensors=True, **encoder_kwargs
+    )
 
-    if ip_adapter is not None:
-        folder, subfolder, weight_name = _split_weight_path(
-            str(ip_adapter), ip_adapter_subfolder, ip_adapter_weight_name
-        )
+    if ip_source is not None:
+        folder, subfolder, weight_name = ip_source
         # diffusers' own loader converts the original IP-Adapter layout; MagDiff then takes its weights over.
         base.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None)
         hidden = base.unet.encoder_hid_proj.image_projection_layers[0].proj_in.in_features
