@@ -221,6 +221,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
     config = config_from_dict(overrides, config)
+    if args.prepare_only:
+        cache = train(config, progress=not args.no_progress, prepare_only=True)
+        print(f"cached the encoded training clips in {cache}")
+        return
     export = train(config, resume=args.resume, progress=not args.no_progress)
     print(f"trained {config.max_steps} steps; model written to {export}")
 
@@ -347,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--max-steps", type=int, default=None)
     train_parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     train_parser.add_argument("--no-progress", action="store_true")
+    train_parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build the cache of encoded clips (before a multi-process launch)",
+    )
     train_parser.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a model")

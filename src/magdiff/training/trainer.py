@@ -140,8 +140,11 @@ def load_or_build_cache(
     return EncodedClips.load(path)
 
 
-def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True) -> Path:
-    """Train; returns the folder of the exported pipeline (``<output_dir>/model``)."""
+def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True, prepare_only: bool = False) -> Path:
+    """Train; returns the folder of the exported pipeline (``<output_dir>/model``).
+
+    ``prepare_only`` builds the cache of encoded clips and returns its folder (run it once in a single process
+    before a multi-process launch, so the other processes do not wait on one core)."""
     config.validate()
     output_dir = Path(config.output_dir)
     # accelerate only starts its multi-CPU (gloo) mode when asked for the CPU explicitly.
@@ -166,6 +169,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
             f"({pipeline.unet.config.motion_max_seq_length})."
         )
     clips = load_or_build_cache(config, pipeline, accelerator, progress and accelerator.is_main_process)
+    if prepare_only:
+        return Path(config.cache_dir or output_dir / "cache")
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, prediction_type=config.prediction_type)
 
     # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
