@@ -1,0 +1,68 @@
+"""The world benchmark's plumbing, with a stub pipeline that returns the exact answers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from magdiff.data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, WorldConfig, make_sample
+from magdiff.evaluation.world_benchmark import edit_background, evaluate_world
+
+
+class OraclePipeline:
+    """Answers every request perfectly: the true clip for its caption, the source with a recoloured background for
+    an edit, and the background alone when no subject is given."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.clips = {}
+        for index in range(num_samples):
+            sample = make_sample(EVAL_SEED_OFFSET + index, WorldConfig())
+            self.clips[sample["caption"]] = sample
+        self.calls: list[str] = []
+
+    def __call__(
+        self, prompt, subject_image=None, subject_mask=None, video=None, video_masks=None, keep="subject", **kwargs
+    ):
+        self.calls.append("edit" if video is not None else ("generate" if subject_image is not None else "text"))
+        if video is not None:
+            background = prompt.split(" on a ")[1].removesuffix(" background")
+            colour = torch.tensor(BACKGROUND_COLOURS[background], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+            frames = torch.where(video_masks > 0.5, video, colour.expand_as(video))
+        else:
+            sample = self.clips[prompt]
+            frames = sample["frames"]
+            if subject_image is None:
+                frames = torch.where(sample["masks"] > 0.5, frames[:, :, :1, :1].expand_as(frames), frames)
+        return SimpleNamespace(frames=((frames + 1) / 2)[None])
+
+
+def test_edit_background_is_new_and_far_from_the_subject():
+    for index in range(100):
+        meta = make_sample(EVAL_SEED_OFFSET + index)["meta"]
+        target = edit_background(meta, index)
+        assert target != meta["background"]
+        distance = np.linalg.norm(np.subtract(BACKGROUND_COLOURS[target], meta["subject_rgb"]))
+        assert distance >= 120
+
+
+def test_benchmark_scores_exact_answers_perfectly(tmp_path):
+    pipeline = OraclePipeline(6)
+    results = evaluate_world(pipeline, num_samples=6, preview_path=tmp_path / "preview.gif", progress=False)
+    assert pipeline.calls == ["generate", "text", "edit"] * 6
+    assert results["generation/motion_correct"] == 1.0
+    assert results["generation/background_correct"] == 1.0
+    assert results["generation/subject_fidelity"] > 0.95
+    assert results["empty_subject/subject_fidelity"] < 0.05
+    assert results["editing/mask_iou"] > 0.95
+    assert results["editing/background_correct"] == 1.0
+    assert results["editing/kept_pixel_error"] < 1e-6
+    assert results["generation/count"] == 6
+    assert (tmp_path / "preview.gif").is_file()
+
+
+def test_benchmark_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="Unknown world benchmark tasks"):
+        evaluate_world(OraclePipeline(1), num_samples=1, tasks=("generation", "dance"), progress=False)

@@ -1,0 +1,55 @@
+"""The world model's components (the default model's architecture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magdiff.data.world import WORLD_VOCABULARY
+from magdiff.pipelines.pipeline_magdiff import MagDiffPipeline
+from magdiff.world_model import world_components, world_tokenizer, world_unet, world_vae
+
+
+def test_tokenizer_spells_every_world_word_as_one_token():
+    tokenizer = world_tokenizer()
+    for word in WORLD_VOCABULARY:
+        assert len(tokenizer.tokenize(word)) == 1, word
+    # Unknown words still tokenise (as pieces), so any subject words work.
+    assert len(tokenizer.tokenize("zebra")) >= 1
+    ids = tokenizer("a star moving left on a red background", padding="max_length").input_ids
+    assert len(ids) == tokenizer.model_max_length == 16
+
+
+def test_world_unet_shapes_and_from_scratch_hfa():
+    unet = world_unet((16, 32), sample_size=16)
+    assert unet.config.hfa == "pyramid" and unet.config.apa == "learned"
+    assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) > 0  # from scratch: the HFA channels are open
+    sample = torch.randn(1, 4, 4, 16, 16)
+    out = unet(
+        sample,
+        10,
+        torch.randn(1, 16, 64),
+        subject_embeds=torch.randn(1, 4, 65, 64),
+        subject_latents=[torch.randn(1, 4, 4, s, s) for s in (16, 20, 24)],
+    )
+    assert out.sample.shape == sample.shape
+
+
+def test_world_pipeline_generates_64px_video():
+    pipeline = MagDiffPipeline(unet=world_unet((16, 32), sample_size=16), **world_components(seed=0))
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vae_scale_factor == 4 and pipeline.default_size == (64, 64)
+    out = pipeline(
+        "a thing moving up on a blue background",
+        subject_image=torch.zeros(3, 64, 64),
+        subject_mask=torch.ones(1, 64, 64),
+        num_frames=2,
+        num_inference_steps=1,
+        output_type="pt",
+    )
+    assert out.frames.shape == (1, 2, 3, 64, 64)
+
+
+def test_missing_vae_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No VAE"):
+        world_vae(tmp_path / "nothing")
