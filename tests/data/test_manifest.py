@@ -222,7 +222,7 @@ def test_items_match_the_world_layout_and_masks_line_up(masked_manifest, size):
     truth = true_masks()[:8]
     for index in range(2):
         item = dataset[index]
-        assert set(item) == {"frames", "masks", "caption", "meta"}
+        assert set(item) == {"frames", "masks", "subject_slots", "caption", "meta"}
         frames, masks = item["frames"], item["masks"]
         assert frames.shape == (8, 3, *size) and frames.dtype == torch.float32
         assert masks.shape == (8, 1, *size) and masks.dtype == torch.float32

@@ -280,3 +280,13 @@ def test_make_sample_is_fast() -> None:
         make_sample(seed)
     per_sample = (time.perf_counter() - start) / 200
     assert per_sample < 0.010
+
+
+def test_sample_carries_every_frame_cut_out_as_subject_slots():
+    from magdiff.sda import cut_out
+
+    sample = make_sample(5)
+    slots = sample["subject_slots"]
+    assert torch.equal(slots, cut_out(sample["frames"], sample["masks"]))
+    outside = (sample["masks"] == 0).expand_as(slots)
+    assert torch.all(slots[outside] == -1.0)

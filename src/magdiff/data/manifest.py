@@ -55,6 +55,7 @@ from magdiff.media import (
     save_image,
     tensor_to_uint8,
 )
+from magdiff.sda import cut_out
 from magdiff.segmentation import SubjectSegmenter, default_segmenter, get_segmenter, segment_video
 
 __all__ = [
@@ -544,7 +545,9 @@ class ManifestDataset(Dataset):
             "source_size": [info.height, info.width],
             "entry": dict(entry.meta),
         }
-        return {"frames": frames.float(), "masks": masks.float(), "caption": entry.caption, "meta": meta}
+        frames, masks = frames.float(), masks.float()
+        return {"frames": frames, "masks": masks, "subject_slots": cut_out(frames, masks), "caption": entry.caption,
+                "meta": meta}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from magdiff.errors import MagDiffInputError
+from magdiff.sda import cut_out
 
 __all__ = [
     "BACKGROUND_COLOURS",
@@ -489,7 +490,13 @@ def make_sample(
     frames_f -= 1.0
     frames_t = torch.from_numpy(frames_f)
     masks_t = torch.from_numpy(masks[:, None].astype(np.float32))
-    return {"frames": frames_t, "masks": masks_t, "caption": _caption(words, motion, background), "meta": meta}
+    return {
+        "frames": frames_t,
+        "masks": masks_t,
+        "subject_slots": cut_out(frames_t, masks_t),  # every frame's cut-out subject (SDA slots, all filled)
+        "caption": _caption(words, motion, background),
+        "meta": meta,
+    }
 
 
 def subject_cutout(frames: torch.Tensor, masks: torch.Tensor, frame: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
