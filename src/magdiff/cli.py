@@ -237,6 +237,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
     pipeline = load_pipeline(args)
     pipeline.set_progress_bar_config(disable=True)
     tasks = tuple(args.tasks.split(",")) if args.tasks else ("generation", "empty_subject", "editing")
+    per_sample: list[dict] = []
     results = evaluate_world(
         pipeline,
         num_samples=args.num_samples,
@@ -245,6 +246,8 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         seed=args.seed,
         tasks=tasks,
         preview_path=args.preview,
+        first_sample=args.first_sample,
+        per_sample=per_sample,
     )
     width = max(len(key) for key in results)
     for key, value in results.items():
@@ -252,9 +255,16 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
     if args.out:
         from .media import write_text_atomically
 
-        write_text_atomically(
-            args.out, json.dumps({"num_samples": args.num_samples, "steps": args.steps, "results": results}, indent=2)
-        )
+        record = {
+            "num_samples": args.num_samples,
+            "first_sample": args.first_sample,
+            "steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "seed": args.seed,
+            "results": results,
+            "per_sample": per_sample,
+        }
+        write_text_atomically(args.out, json.dumps(record, indent=1))
         print(f"wrote {args.out}")
 
 
@@ -363,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     world = targets.add_parser("world", help="the world benchmark, scored exactly by the oracle")
     world.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
     world.add_argument("--num-samples", type=int, default=200)
+    world.add_argument("--first-sample", type=int, default=0, help="first held-out clip (to split a run in shards)")
     world.add_argument("--steps", type=int, default=25)
     world.add_argument("--guidance-scale", type=float, default=7.5)
     world.add_argument("--seed", type=int, default=0)

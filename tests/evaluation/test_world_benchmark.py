@@ -66,3 +66,10 @@ def test_benchmark_scores_exact_answers_perfectly(tmp_path):
 def test_benchmark_rejects_unknown_tasks():
     with pytest.raises(ValueError, match="Unknown world benchmark tasks"):
         evaluate_world(OraclePipeline(1), num_samples=1, tasks=("generation", "dance"), progress=False)
+
+
+def test_shards_cover_the_same_clips_and_record_each_sample():
+    records: list[dict] = []
+    evaluate_world(OraclePipeline(6), num_samples=3, first_sample=3, per_sample=records, progress=False)
+    assert sorted({row["index"] for row in records}) == [3, 4, 5]
+    assert len(records) == 9 and {row["task"] for row in records} == {"generation", "empty_subject", "editing"}

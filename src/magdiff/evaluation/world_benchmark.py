@@ -62,8 +62,14 @@ def evaluate_world(
     tasks: Sequence[str] = TASKS,
     preview_path: str | Path | None = None,
     progress: bool = True,
+    first_sample: int = 0,
+    per_sample: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions)."""
+    """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
+
+    Held-out clips ``first_sample .. first_sample + num_samples - 1`` are used, each with its own seeded generator,
+    so shards of the range give exactly the scores of one run over it. ``per_sample``, when given, receives one
+    record per clip and task (for merging shards or looking at failures)."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"Unknown world benchmark tasks {sorted(unknown)}; choose from {TASKS}.")
@@ -78,7 +84,7 @@ def evaluate_world(
         "guidance_scale": guidance_scale,
         "output_type": "pt",
     }
-    for index in tqdm(range(num_samples), desc="world benchmark", disable=not progress):
+    for index in tqdm(range(first_sample, first_sample + num_samples), desc="world benchmark", disable=not progress):
         sample = make_sample(EVAL_SEED_OFFSET + index, world)
         frames, masks, meta, caption = sample["frames"], sample["masks"], sample["meta"], sample["caption"]
         subject_image, subject_mask = subject_cutout(frames, masks)
@@ -113,6 +119,10 @@ def evaluate_world(
             video = _video(out.frames)
             scores["editing"].append(score_editing(video, frames, masks, target_background=target, keep="subject"))
             row.append(torch.cat([frames, video], dim=-1))
+        if per_sample is not None:
+            for task, items in scores.items():
+                if items:
+                    per_sample.append({"index": index, "task": task, "caption": caption, **items[-1].as_dict()})
         if preview_path is not None and len(previews) < 6:
             previews.append(torch.cat(row, dim=-1))  # (F, 3, H, W * k)
     if preview_path is not None and previews:
