@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from magdiff import MagDiffInputError, MagDiffPipeline
 from magdiff.training.checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors
 from magdiff.training.config import TrainConfig, config_from_dict, get_preset, load_config
-from magdiff.training.trainer import draw_slot_filling, train
+from magdiff.training.trainer import draw_slot_filling, min_snr_weights, train
 
 FAST = {"num_train_samples": 4, "batch_size": 1, "unet_channels": (16, 32), "num_frames": 4}
 
@@ -150,3 +150,18 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     checksums = next(row["final_weight_checksums"] for row in log if "final_weight_checksums" in row)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [row["processes"] for row in log if "step" in row] == [2, 2]
+
+
+def test_min_snr_weights_match_the_closed_form():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([0, 10, 100, 400, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / snr
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0, "epsilon"), expected)
+    torch.testing.assert_close(
+        min_snr_weights(scheduler, timesteps, 5.0, "v_prediction"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
+    )
+    assert min_snr_weights(scheduler, torch.tensor([999]), 5.0, "epsilon").item() == 1.0

@@ -47,6 +47,8 @@ class TrainConfig:
     slot_fill_all_probability: float = 0.3
     slot_fill_subset_probability: float = 0.2
     prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``), e.g. 5.0; ``None`` = plain MSE."""
     mixed_precision: str = "no"
     """``"no"`` or ``"bf16"`` (autocast; about 1.5x faster on recent CPUs)."""
     ema_decay: float | None = None
@@ -86,6 +88,7 @@ class TrainConfig:
             ),
             (self.prediction_type in ("epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction"),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
+            (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1) or null"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
@@ -157,6 +160,7 @@ def preset_world() -> TrainConfig:
         max_steps=12000,
         unet_channels=(32, 64, 128),
         ema_decay=0.999,
+        snr_gamma=5.0,
         output_dir="runs/world",
         checkpoint_every=250,
         keep_checkpoints=3,

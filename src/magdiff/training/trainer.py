@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from ..errors import MagDiffInputError
@@ -88,6 +89,15 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     return Batch(latents, text, embeds, pyramid, noise, timesteps, filled)
+
+
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
 def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
@@ -222,7 +232,10 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 subject_embeds=batch.subject_embeds,
                 subject_latents=batch.subject_latents,
             ).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3, 4))  # (b,)
+        if config.snr_gamma is not None:
+            loss = loss * min_snr_weights(noise_scheduler, batch.timesteps, config.snr_gamma, config.prediction_type)
+        loss = loss.mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
