@@ -165,3 +165,9 @@ def test_min_snr_weights_match_the_closed_form():
         min_snr_weights(scheduler, timesteps, 5.0, "v_prediction"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
     )
     assert min_snr_weights(scheduler, torch.tensor([999]), 5.0, "epsilon").item() == 1.0
+
+
+def test_exported_scheduler_samples_what_the_unet_predicts(tmp_path):
+    export = train(_config(tmp_path, "v", max_steps=1, prediction_type="v_prediction", snr_gamma=5.0), progress=False)
+    pipeline = MagDiffPipeline.from_pretrained(export)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"

@@ -173,6 +173,11 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     # 1. Model and frozen components; the cache of encoded clips
     pipeline = build_pipeline(config)
     pipeline.set_progress_bar_config(disable=True)
+    if pipeline.scheduler.config.get("prediction_type") != config.prediction_type:
+        # The exported pipeline must sample with what the U-Net is trained to predict.
+        pipeline.scheduler = pipeline.scheduler.__class__.from_config(
+            pipeline.scheduler.config, prediction_type=config.prediction_type
+        )
     if pipeline.unet.config.motion_max_seq_length < config.num_frames:
         raise MagDiffInputError(
             f"num_frames={config.num_frames} exceeds the model's maximum "
