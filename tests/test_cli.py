@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -193,3 +195,31 @@ def test_console_entry_point_runs(saved_tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "100%" in result.stderr  # progress bar over the denoising loop
     assert _count_frames(out)[0] == 2
+
+
+def test_default_model_is_used_without_model_flag(tmp_path, capsys):
+    from magdiff.cli import packaged_default_model
+
+    assert (packaged_default_model() / "model_index.json").is_file()
+    out = tmp_path / "default.gif"
+    args = [
+        "generate",
+        "--subject",
+        "examples/subject.png",
+        "--prompt",
+        "a toy moving left on a red background",
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
+    assert _count_frames(out) == (8, 64, 64)
+    assert "note:" not in capsys.readouterr().err  # no untrained fallback

@@ -2,8 +2,9 @@
 
 transformers ships no CLIP vocabulary, and nothing is downloaded at run time. For tiny models (tests, the default
 model trained on the benchmark world) we build a real ``CLIPTokenizer`` whose BPE vocabulary holds every byte
-symbol (so any text tokenises, unknown words fall back to pieces) plus merges that spell the given words as
-single tokens. Models that use public CLIP text encoders load their own tokenizer with ``from_pretrained``.
+symbol (so any text tokenises, unknown words fall back to pieces) plus merges that spell the given words left to
+right. Where two words' merges compete, a word can come out in a few pieces (never as an unknown token).
+Models that use public CLIP text encoders load their own tokenizer with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _byte_symbols() -> list[str]:
 
 
 def build_word_tokenizer(words: Iterable[str], model_max_length: int = 16) -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` whose vocabulary spells each of ``words`` as one token.
+    """A ``CLIPTokenizer`` whose vocabulary spells each of ``words`` (almost always as one token).
 
     Args:
         words: lower-case words; non-alphanumeric characters are split off as CLIP's pre-tokenizer would.

@@ -546,8 +546,13 @@ class ManifestDataset(Dataset):
             "entry": dict(entry.meta),
         }
         frames, masks = frames.float(), masks.float()
-        return {"frames": frames, "masks": masks, "subject_slots": cut_out(frames, masks), "caption": entry.caption,
-                "meta": meta}
+        return {
+            "frames": frames,
+            "masks": masks,
+            "subject_slots": cut_out(frames, masks),
+            "caption": entry.caption,
+            "meta": meta,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------------
