@@ -109,6 +109,15 @@ def test_edit_writes_the_asked_frames(saved_tiny_model, tmp_path):
     assert _count_frames(out) == (4, 16, 16)
 
 
+def test_edit_with_inversion(saved_tiny_model, tmp_path, capsys):
+    video, masks = _source_video(tmp_path)
+    out = tmp_path / "inverted.mp4"
+    args = ["edit", "--video", str(video), "--masks", str(masks), "--invert", "--source-prompt", "a cat"]
+    assert main([*args, *_base_args(saved_tiny_model, out, frames=4)]) == 0
+    assert _count_frames(out) == (4, 16, 16)
+    assert "wrote" in capsys.readouterr().out
+
+
 def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path, capsys):
     subject = _rgba_subject(tmp_path / "subject.png")
     video, masks = _source_video(tmp_path, frames=3)
@@ -118,6 +127,10 @@ def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path,
         PIL.Image.fromarray(np.full((10, 10), 255, dtype=np.uint8)).save(wrong_masks / f"{index}.png")
     empty_mask = tmp_path / "empty.png"
     PIL.Image.fromarray(np.zeros((24, 24), dtype=np.uint8)).save(empty_mask)
+    empty_masks = tmp_path / "empty_masks"
+    empty_masks.mkdir()
+    for index in range(3):
+        PIL.Image.fromarray(np.zeros((24, 24), dtype=np.uint8)).save(empty_masks / f"{index}.png")
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not a png")
     cases = [
@@ -129,6 +142,23 @@ def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path,
         (["edit", "--video", str(video), "--masks", str(masks)], "e.gif", ["3"]),
         (["edit", "--video", str(video), "--masks", str(wrong_masks), "--num-frames", "3"], "f.gif", ["size"]),
         (["edit", "--video", str(tmp_path / "nope.mp4")], "g.gif", ["nope.mp4"]),
+        (["edit", "--video", str(video), "--masks", str(empty_masks), "--num-frames", "3"], "i.gif", ["empty"]),
+        (
+            [
+                "edit",
+                "--video",
+                str(video),
+                "--masks",
+                str(masks),
+                "--num-frames",
+                "3",
+                "--invert",
+                "--scheduler",
+                "euler",
+            ],
+            "j.gif",
+            ["DDIM"],
+        ),
         (["generate", "--subject", str(subject), "--model", str(tmp_path)], "h.gif", ["model_index.json"]),
     ]
     for extra, name, phrases in cases:

@@ -228,6 +228,23 @@ def test_gradients_reach_exactly_the_trainable_set():
     assert not any(".resnets." in n for n in trainable)
 
 
+@pytest.mark.parametrize("apa", ["learned", "fixed"])
+def test_from_scratch_selection_trains_everything_but_fixed_apa_weights(apa):
+    unet = MagDiffUNetModel.from_unet_motion(_base_unet(), **{**UNET_KWARGS, "apa": apa})
+    parameters = configure_trainable_parameters(unet, "all")
+    named = dict(unet.named_parameters())
+    frozen = {n for n, p in named.items() if not p.requires_grad}
+    assert {id(p) for p in parameters} == {id(named[n]) for n in named if n not in frozen}
+    for fragment in (".resnets.", "time_embedding.", "conv_out.", "conv_in."):
+        assert any(fragment in n for n in named if n not in frozen), fragment
+    if apa == "fixed":
+        assert frozen and all(n.endswith((".a_img", ".a_txt")) for n in frozen)
+    else:
+        assert not frozen
+    with pytest.raises(ValueError, match="Unknown trainable selection"):
+        configure_trainable_parameters(unet, "some")
+
+
 # ---------------------------------------------------------------------- save / load
 
 

@@ -177,7 +177,21 @@ def cmd_edit(args: argparse.Namespace) -> None:
             args.masks, num_frames=num_frames, size=(height, width), expected_size=(info.height, info.width)
         )
     args.height, args.width, args.num_frames = height, width, num_frames
-    _run_and_save(pipeline, args, fmt, video=frames, video_masks=masks, keep=args.keep, segmenter=segmenter)
+    if args.invert:
+        from .inversion import check_invertible
+
+        check_invertible(pipeline.scheduler)  # before any work: --invert needs DDIM
+    _run_and_save(
+        pipeline,
+        args,
+        fmt,
+        video=frames,
+        video_masks=masks,
+        keep=args.keep,
+        segmenter=segmenter,
+        invert=args.invert,
+        source_prompt=args.source_prompt,
+    )
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
@@ -232,11 +246,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate_world(args: argparse.Namespace) -> None:
     import json
 
-    from .evaluation.world_benchmark import evaluate_world
+    from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
 
     pipeline = load_pipeline(args)
     pipeline.set_progress_bar_config(disable=True)
-    tasks = tuple(args.tasks.split(",")) if args.tasks else ("generation", "empty_subject", "editing")
+    tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
     per_sample: list[dict] = []
     results = evaluate_world(
         pipeline,
@@ -334,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="subject",
         help="keep the masked subject (change the scene) or the scene (change the subject)",
     )
+    edit.add_argument(
+        "--invert",
+        action="store_true",
+        help="start from the DDIM inversion of the source video instead of noise (motion and layout follow it more "
+        "closely; needs the DDIM scheduler)",
+    )
+    edit.add_argument("--source-prompt", default="", help="what the source video shows, for --invert (default: empty)")
     _add_sampling_arguments(edit)
     edit.set_defaults(func=cmd_edit)
 
@@ -377,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--steps", type=int, default=25)
     world.add_argument("--guidance-scale", type=float, default=7.5)
     world.add_argument("--seed", type=int, default=0)
-    world.add_argument("--tasks", default=None, help="comma-separated: generation,empty_subject,editing")
+    world.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated, from generation,empty_subject,editing,editing_inverted (default: the first three)",
+    )
     world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
     world.add_argument("--out", default=None, help="write the results as JSON here")
     world.add_argument("--device", default="auto")

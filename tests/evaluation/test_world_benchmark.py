@@ -26,7 +26,8 @@ class OraclePipeline:
     def __call__(
         self, prompt, subject_image=None, subject_mask=None, video=None, video_masks=None, keep="subject", **kwargs
     ):
-        self.calls.append("edit" if video is not None else ("generate" if subject_image is not None else "text"))
+        call = "edit" if video is not None else ("generate" if subject_image is not None else "text")
+        self.calls.append(call + ("-inverted" if kwargs.get("invert") else ""))
         if video is not None:
             background = prompt.split(" on a ")[1].removesuffix(" background")
             colour = torch.tensor(BACKGROUND_COLOURS[background], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
@@ -73,3 +74,10 @@ def test_shards_cover_the_same_clips_and_record_each_sample():
     evaluate_world(OraclePipeline(6), num_samples=3, first_sample=3, per_sample=records, progress=False)
     assert sorted({row["index"] for row in records}) == [3, 4, 5]
     assert len(records) == 9 and {row["task"] for row in records} == {"generation", "empty_subject", "editing"}
+
+
+def test_inverted_editing_is_an_opt_in_task():
+    pipeline = OraclePipeline(2)
+    results = evaluate_world(pipeline, num_samples=2, tasks=("editing", "editing_inverted"), progress=False)
+    assert pipeline.calls == ["edit", "edit-inverted"] * 2
+    assert results["editing_inverted/mask_iou"] > 0.95 and results["editing_inverted/count"] == 2

@@ -50,7 +50,11 @@ def test_config_files_and_errors(tmp_path):
         paper.batch_size,
         paper.text_dropout,
         paper.prediction_type,
-    ) == (5e-5, 0.01, 100, 1.0, 8, 0.15, "epsilon")
+        paper.trainable,
+    ) == (5e-5, 0.01, 100, 1.0, 8, 0.15, "epsilon", "magdiff")
+    assert get_preset("world").trainable == "all"  # from scratch nothing is pretrained to keep frozen
+    with pytest.raises(MagDiffInputError, match="trainable must be"):
+        config_from_dict({"trainable": "everything"})
 
 
 def test_slot_filling_probabilities():

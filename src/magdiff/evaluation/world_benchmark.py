@@ -1,13 +1,14 @@
 """The world benchmark: a MagDiff pipeline scored exactly by the oracle on held-out world clips.
 
-Three tasks per held-out clip (seed ``EVAL_SEED_OFFSET + i``):
+Up to four tasks per held-out clip (the first three by default) (seed ``EVAL_SEED_OFFSET + i``):
 
 - ``generation``: the clip's caption + its first frame's cut-out subject (slot 0) -> a video, scored for motion
   direction, background colour, subject fidelity and temporal consistency;
 - ``empty_subject``: the same caption with every slot empty -> fidelity against the same subject (the baseline the
   subject image must beat);
 - ``editing``: the clip as source video with its masks, keeping the subject, and a caption asking for another
-  background -> mask IoU with the source, pixel error inside the kept region, new-background accuracy.
+  background -> mask IoU with the source, pixel error inside the kept region, new-background accuracy;
+- ``editing_inverted`` (opt-in): the same edit started from the DDIM inversion of the source (``invert=True``).
 
     magdiff evaluate world --num-samples 200           # (CLI wiring lives in magdiff.cli)
 """
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 from ..data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, WorldConfig, caption_for, make_sample, subject_cutout
 from .oracle import aggregate, score_editing, score_generation
 
-TASKS = ("generation", "empty_subject", "editing")
+TASKS = ("generation", "empty_subject", "editing", "editing_inverted")
+DEFAULT_TASKS = ("generation", "empty_subject", "editing")
 _MIN_EDIT_DISTANCE = 120.0  # the new background must stay clearly distinct from the subject colour
 
 
@@ -59,7 +61,7 @@ def evaluate_world(
     num_frames: int = 8,
     resolution: int = 64,
     seed: int = 0,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = DEFAULT_TASKS,
     preview_path: str | Path | None = None,
     progress: bool = True,
     first_sample: int = 0,
@@ -88,7 +90,6 @@ def evaluate_world(
         sample = make_sample(EVAL_SEED_OFFSET + index, world)
         frames, masks, meta, caption = sample["frames"], sample["masks"], sample["meta"], sample["caption"]
         subject_image, subject_mask = subject_cutout(frames, masks)
-        generator = torch.Generator().manual_seed(seed + index)
         row = []
         if "generation" in tasks:
             out = pipeline(
@@ -106,18 +107,21 @@ def evaluate_world(
             video = _video(out.frames)
             scores["empty_subject"].append(score_generation(video, meta, subject_image, subject_mask))
             row.append(video)
-        if "editing" in tasks:
+        for task in ("editing", "editing_inverted"):
+            if task not in tasks:
+                continue
             target = edit_background(meta, index)
             out = pipeline(
                 caption_for(meta, background=target),
                 video=frames,
                 video_masks=masks,
                 keep="subject",
-                generator=generator,
+                generator=torch.Generator().manual_seed(seed + index),
+                invert=task == "editing_inverted",
                 **settings,
             )
             video = _video(out.frames)
-            scores["editing"].append(score_editing(video, frames, masks, target_background=target, keep="subject"))
+            scores[task].append(score_editing(video, frames, masks, target_background=target, keep="subject"))
             row.append(torch.cat([frames, video], dim=-1))
         if per_sample is not None:
             for task, items in scores.items():

@@ -454,9 +454,25 @@ def trainable_parameter_names(unet: MagDiffUNetModel) -> list[str]:
     return names
 
 
-def configure_trainable_parameters(unet: MagDiffUNetModel) -> list[nn.Parameter]:
-    """Freeze everything except :func:`trainable_parameter_names`; return the trainable parameters in order."""
-    trainable = set(trainable_parameter_names(unet))
+TRAINABLE_SELECTIONS = ("magdiff", "all")
+
+
+def configure_trainable_parameters(unet: MagDiffUNetModel, selection: str = "magdiff") -> list[nn.Parameter]:
+    """Freeze everything except what ``selection`` trains; return the trainable parameters in order.
+
+    ``"magdiff"``: :func:`trainable_parameter_names` (the paper's fine-tuning selection, for a pretrained base).
+    ``"all"``: every parameter (a model trained from scratch has no pretrained ResNets or time embedding to keep;
+    with ``apa="fixed"`` the APA weights still stay frozen)."""
+    if selection not in TRAINABLE_SELECTIONS:
+        raise ValueError(f"Unknown trainable selection {selection!r}; choose one of {TRAINABLE_SELECTIONS}.")
+    if selection == "all":
+        trainable = {
+            name
+            for name, _ in unet.named_parameters()
+            if not (unet.config.apa == "fixed" and (name.endswith(".a_img") or name.endswith(".a_txt")))
+        }
+    else:
+        trainable = set(trainable_parameter_names(unet))
     parameters = []
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_(name in trainable)

@@ -28,6 +28,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
+from ..inversion import check_invertible, ddim_invert
 from ..models.hfa import pyramid_sizes
 from ..models.unet import MagDiffUNetModel, SubjectConditioning
 from ..sda import editing_slots, empty_slots, generation_slots
@@ -293,42 +294,54 @@ class MagDiffPipeline(DiffusionPipeline):
                 )
             return generation_slots(image, mask_tensor, num_frames)
         if video is not None:
-            frames = video_to_tensor(video)
-            if frames.shape[0] < num_frames:
-                raise MagDiffInputError(
-                    f"The source video has {frames.shape[0]} frames but {num_frames} were asked; "
-                    f"ask for at most {frames.shape[0]} frames (--num-frames)."
-                )
-            frames = frames[:num_frames]
-            if video_masks is None:
-                from ..segmentation import segment_video
-
-                masks = segment_video(frames, segmenter)
-            else:
-                masks = masks_to_tensor(video_masks)
-                if masks.shape[0] < num_frames:
-                    raise MagDiffInputError(
-                        f"{masks.shape[0]} masks were given for {num_frames} frames; give one mask per frame."
-                    )
-                masks = masks[:num_frames]
-                if masks.shape[-2:] != frames.shape[-2:]:
-                    raise MagDiffInputError(
-                        f"The masks are {masks.shape[-1]}x{masks.shape[-2]} but the video frames "
-                        f"are {frames.shape[-1]}x{frames.shape[-2]}; give masks of the frame size."
-                    )
-            empty = [int(i) for i in torch.nonzero(masks.flatten(1).sum(1) == 0).flatten()]
-            if len(empty) == num_frames:
-                raise MagDiffInputError(
-                    "Every mask is empty: nothing to keep. Give masks that cover the region to keep."
-                )
-            if empty:
-                raise MagDiffInputError(f"The mask of frame {empty[0]} is empty; every frame needs a non-empty mask.")
-            if tuple(frames.shape[-2:]) != size:
-                frames = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False)
-                frames = frames.clamp(-1.0, 1.0)
-                masks = F.interpolate(masks, size=size, mode="nearest")
+            frames, masks = self.prepare_source_video(video, video_masks, num_frames, size, segmenter)
             return editing_slots(frames, masks, keep=keep)
         return empty_slots(num_frames, *size), torch.zeros(num_frames, dtype=torch.bool)
+
+    def prepare_source_video(
+        self,
+        video: VideoInput,
+        video_masks: VideoInput | None,
+        num_frames: int,
+        size: tuple[int, int],
+        segmenter: Callable | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``num_frames`` source frames (F, 3, H, W) in [-1, 1] and their masks (F, 1, H, W) at ``size``;
+        masks are segmented (with temporal propagation) when not given. One clear error for short videos, mask
+        counts or sizes that do not match, and empty masks."""
+        frames = video_to_tensor(video)
+        if frames.shape[0] < num_frames:
+            raise MagDiffInputError(
+                f"The source video has {frames.shape[0]} frames but {num_frames} were asked; "
+                f"ask for at most {frames.shape[0]} frames (--num-frames)."
+            )
+        frames = frames[:num_frames]
+        if video_masks is None:
+            from ..segmentation import segment_video
+
+            masks = segment_video(frames, segmenter)
+        else:
+            masks = masks_to_tensor(video_masks)
+            if masks.shape[0] < num_frames:
+                raise MagDiffInputError(
+                    f"{masks.shape[0]} masks were given for {num_frames} frames; give one mask per frame."
+                )
+            masks = masks[:num_frames]
+            if masks.shape[-2:] != frames.shape[-2:]:
+                raise MagDiffInputError(
+                    f"The masks are {masks.shape[-1]}x{masks.shape[-2]} but the video frames "
+                    f"are {frames.shape[-1]}x{frames.shape[-2]}; give masks of the frame size."
+                )
+        empty = [int(i) for i in torch.nonzero(masks.flatten(1).sum(1) == 0).flatten()]
+        if len(empty) == num_frames:
+            raise MagDiffInputError("Every mask is empty: nothing to keep. Give masks that cover the region to keep.")
+        if empty:
+            raise MagDiffInputError(f"The mask of frame {empty[0]} is empty; every frame needs a non-empty mask.")
+        if tuple(frames.shape[-2:]) != size:
+            frames = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False)
+            frames = frames.clamp(-1.0, 1.0)
+            masks = F.interpolate(masks, size=size, mode="nearest")
+        return frames, masks
 
     @staticmethod
     def _segment_image(image: ImageInput, segmenter: Callable | None) -> np.ndarray:
@@ -376,6 +389,61 @@ class MagDiffPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    # ------------------------------------------------------------------ inversion
+
+    def _invert_latents(
+        self,
+        frames: torch.Tensor,
+        text_embeds: torch.Tensor,
+        subject: SubjectConditioning,
+        num_inference_steps: int,
+        chunk_size: int = 16,
+    ) -> torch.Tensor:
+        """Source frames (F, 3, H, W) -> (1, c, F, h, w) noise that DDIM sampling (same steps) maps back to them."""
+        device = self._execution_device
+        clean = torch.cat(
+            [self._vae_mean_latents(frames[i : i + chunk_size].to(device)) for i in range(0, len(frames), chunk_size)]
+        )
+        clean = clean.permute(1, 0, 2, 3)[None].to(text_embeds.dtype)  # (1, c, F, h, w)
+
+        def model_fn(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            model_input = self.scheduler.scale_model_input(sample, timestep)
+            return self.unet(model_input, timestep, encoder_hidden_states=text_embeds, subject=subject).sample
+
+        return ddim_invert(clean, model_fn, self.scheduler, num_inference_steps, device=device)
+
+    @torch.no_grad()
+    def invert(
+        self,
+        video: VideoInput,
+        prompt: str = "",
+        video_masks: VideoInput | None = None,
+        keep: str = "subject",
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        segmenter: Callable | None = None,
+    ) -> torch.Tensor:
+        """DDIM inversion of a source video under the editing conditioning (its kept region in every slot).
+
+        Returns the initial latents (1, c, F, h, w) for ``__call__(..., video=video, latents=...)`` with the same
+        ``num_inference_steps``; ``prompt`` describes the source (empty: unconditional, the usual choice).
+        """
+        check_invertible(self.scheduler)
+        default_height, default_width = self.default_size
+        height, width = height or default_height, width or default_width
+        if num_frames is None:
+            num_frames = min(len(video), self.max_num_frames)
+        self.check_inputs(prompt, None, video, num_frames, height, width, keep, "latent", num_inference_steps, 1.0, ())
+        frames, masks = self.prepare_source_video(video, video_masks, num_frames, (height, width), segmenter)
+        slots, filled = editing_slots(frames, masks, keep=keep)
+        device = self._execution_device
+        subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size)
+        return self._invert_latents(frames, self.encode_prompt([prompt], device), subject, num_inference_steps)
+
     # ------------------------------------------------------------------ call
 
     @torch.no_grad()
@@ -404,6 +472,8 @@ class MagDiffPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         decode_chunk_size: int = 16,
         segmenter: Callable | None = None,
+        invert: bool = False,
+        source_prompt: str = "",
     ) -> MagDiffPipelineOutput | tuple:
         r"""Generate (with ``subject_image``) or edit (with ``video``) a video.
 
@@ -434,6 +504,9 @@ class MagDiffPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs: tensors passed to the callback.
             decode_chunk_size: frames decoded by the VAE at once (lower it to save memory).
             segmenter: a :class:`~magdiff.segmentation.SubjectSegmenter` used where no mask is given.
+            invert: editing only: start from the DDIM inversion of the source video (:meth:`invert`) instead of
+                ``latents``/random noise, so that motion and layout follow the source more closely. Needs DDIM.
+            source_prompt: the prompt the inversion is conditioned on (default: empty, i.e. unconditional).
         """
         # 0. Defaults and checks
         default_height, default_width = self.default_size
@@ -470,10 +543,24 @@ class MagDiffPipeline(DiffusionPipeline):
         do_text_guidance = guidance_scale > 1.0
         do_image_guidance = image_guidance_scale is not None and image_guidance_scale != 1.0
 
+        if invert and video is None:
+            raise MagDiffInputError("`invert` inverts a source video: give `video` (editing) or drop `invert`.")
+        if invert and latents is not None:
+            raise MagDiffInputError("Give either `latents` or `invert=True`: inversion computes the initial latents.")
+        if invert:
+            check_invertible(self.scheduler)
+
         # 1. Subject slots (SDA): slot 0 for generation, every slot for editing
-        slots, filled = self.prepare_subject_slots(
-            num_frames, (height, width), subject_image, subject_mask, video, video_masks, keep, segmenter
-        )
+        source_frames = None
+        if video is not None:
+            source_frames, source_masks = self.prepare_source_video(
+                video, video_masks, num_frames, (height, width), segmenter
+            )
+            slots, filled = editing_slots(source_frames, source_masks, keep=keep)
+        else:
+            slots, filled = self.prepare_subject_slots(
+                num_frames, (height, width), subject_image, subject_mask, segmenter=segmenter
+            )
 
         # 2. Text tokens
         text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
@@ -484,7 +571,8 @@ class MagDiffPipeline(DiffusionPipeline):
         # 3. Subject encodings: image tokens (APA) and the HFA latent pyramid, once for all steps
         subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size).repeat(batch_size)
+        single_subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size)
+        subject = single_subject.repeat(batch_size)
         empty_subject = None
         if do_image_guidance:
             empty = empty_slots(num_frames, height, width)
@@ -504,7 +592,11 @@ class MagDiffPipeline(DiffusionPipeline):
         context = torch.cat(branch_text)
         subject_context = SubjectConditioning.cat(branch_subject)
 
-        # 5. Timesteps and initial noise
+        # 5. Timesteps and initial noise (or the inverted source)
+        if invert:
+            source_text = self.encode_prompt([source_prompt], device)
+            inverted = self._invert_latents(source_frames, source_text, single_subject, num_inference_steps)
+            latents = inverted.repeat(batch_size, 1, 1, 1, 1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(batch_size, num_frames, height, width, context.dtype, device, generator, latents)

@@ -51,6 +51,10 @@ class TrainConfig:
     """Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``), e.g. 5.0; ``None`` = plain MSE."""
     mixed_precision: str = "no"
     """``"no"`` or ``"bf16"`` (autocast; about 1.5x faster on recent CPUs)."""
+    trainable: str = "magdiff"
+    """``"magdiff"``: the paper's selection (temporal layers, spatial transformer blocks, ``conv_in``, Resampler,
+    HFA; ResNets, time embedding and ``conv_out`` frozen), for a pretrained base. ``"all"``: every parameter, for a
+    model trained from scratch, whose random ResNets and time embedding would otherwise stay random."""
     ema_decay: float | None = None
     """EMA of the trainable weights (e.g. 0.999); ``None`` disables it. Exported models use the EMA weights."""
     seed: int = 0
@@ -87,6 +91,7 @@ class TrainConfig:
                 "slot_fill_all_probability + slot_fill_subset_probability must be in [0, 1]",
             ),
             (self.prediction_type in ("epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction"),
+            (self.trainable in ("magdiff", "all"), "trainable must be 'magdiff' or 'all'"),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1) or null"),
@@ -160,6 +165,9 @@ def preset_world() -> TrainConfig:
         max_steps=12000,
         unet_channels=(32, 64, 128),
         ema_decay=0.999,
+        # From scratch nothing is pretrained: the paper's selection would leave the ResNets, the time embedding and
+        # conv_out at their random initialisation.
+        trainable="all",
         # From scratch, epsilon prediction learned the near-identity map at high noise very slowly and its x0 errors
         # are amplified there by 1/sqrt(alpha_bar) (~14 at t=950); v-prediction bounds them (a deviation from the
         # paper's epsilon, which fine-tunes a pretrained base).
@@ -185,6 +193,7 @@ def preset_world_tiny() -> TrainConfig:
         batch_size=2,
         max_steps=4,
         unet_channels=(16, 32),
+        trainable="all",
         output_dir="runs/world-tiny",
         checkpoint_every=2,
         keep_checkpoints=2,

@@ -191,7 +191,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
     unet: MagDiffUNetModel = pipeline.unet
     unet.train()
-    parameters = configure_trainable_parameters(unet)
+    parameters = configure_trainable_parameters(unet, config.trainable)
     trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
         parameters,
