@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magdiff.data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, WorldConfig, make_sample
-from magdiff.evaluation.world_benchmark import edit_background, evaluate_world
+from magdiff.evaluation.world_benchmark import edit_background, evaluate_world, merge_shards
 
 
 class OraclePipeline:
@@ -81,3 +81,19 @@ def test_inverted_editing_is_an_opt_in_task():
     results = evaluate_world(pipeline, num_samples=2, tasks=("editing", "editing_inverted"), progress=False)
     assert pipeline.calls == ["edit", "edit-inverted"] * 2
     assert results["editing_inverted/mask_iou"] > 0.95 and results["editing_inverted/count"] == 2
+
+
+def test_merged_shards_equal_one_run():
+    def record(first, count):
+        rows: list[dict] = []
+        results = evaluate_world(
+            OraclePipeline(6), num_samples=count, first_sample=first, per_sample=rows, progress=False
+        )
+        return {"steps": 25, "guidance_scale": 7.5, "seed": 0, "results": results, "per_sample": rows}
+
+    whole = record(0, 4)
+    merged = merge_shards([record(0, 1), record(1, 3)])
+    assert merged["num_samples"] == 4 and merged["first_sample"] == 0
+    assert merged["results"] == pytest.approx(whole["results"])
+    with pytest.raises(ValueError, match="more than one shard"):
+        merge_shards([record(0, 2), record(1, 2)])

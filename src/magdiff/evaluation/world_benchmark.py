@@ -141,3 +141,41 @@ def evaluate_world(
                 continue
             results[f"{task}/{key}"] = float(value)
     return results
+
+
+def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge ``magdiff evaluate world --out`` records of disjoint clip ranges into the record of one run over all.
+
+    Every shard must have been run with the same settings; overlapping clips are an error."""
+    if not shards:
+        raise ValueError("No benchmark shards to merge.")
+    settings = ("steps", "guidance_scale", "seed")
+    for shard in shards[1:]:
+        for key in settings:
+            if shard.get(key) != shards[0].get(key):
+                raise ValueError(f"Shards differ in {key!r}: {shard.get(key)} vs {shards[0].get(key)}.")
+    per_sample = [row for shard in shards for row in shard["per_sample"]]
+    seen: set[tuple[int, str]] = set()
+    for row in per_sample:
+        key = (row["index"], row["task"])
+        if key in seen:
+            raise ValueError(f"Clip {row['index']} ({row['task']}) appears in more than one shard.")
+        seen.add(key)
+    results: dict[str, float] = {}
+    for task in TASKS:
+        rows = [
+            {k: v for k, v in row.items() if k not in ("index", "task")} for row in per_sample if row["task"] == task
+        ]
+        if not rows:
+            continue
+        for key, value in aggregate(rows).items():
+            if not (isinstance(value, float) and math.isnan(value)):
+                results[f"{task}/{key}"] = float(value)
+    indices = sorted({row["index"] for row in per_sample})
+    return {
+        "num_samples": len(indices),
+        "first_sample": indices[0],
+        **{key: shards[0].get(key) for key in settings},
+        "results": results,
+        "per_sample": sorted(per_sample, key=lambda row: (row["index"], TASKS.index(row["task"]))),
+    }
