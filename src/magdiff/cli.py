@@ -3,6 +3,7 @@
     magdiff generate --subject cat.png --prompt "a cat moving left on a blue background" --out cat.gif
     magdiff edit --video dog.mp4 --masks dog_masks/ --prompt "a dog walking in the snow" --out snow.mp4
     magdiff assemble --base-model DIR_OR_ID --motion-adapter DIR_OR_ID --image-encoder DIR_OR_ID --out MODEL_DIR
+    magdiff evaluate folder --videos DIR --clip CLIP_DIR --i3d i3d_torchscript.pt --reference REAL_DIR --out r.json
 
 Bad input ends with one ``error: ...`` line on stderr and exit status 2; no output file is written then.
 """
@@ -262,6 +263,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         preview_path=args.preview,
         first_sample=args.first_sample,
         per_sample=per_sample,
+        subject_input=args.subject_input,
     )
     width = max(len(key) for key in results)
     for key, value in results.items():
@@ -280,6 +282,252 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         }
         write_text_atomically(args.out, json.dumps(record, indent=1))
         print(f"wrote {args.out}")
+
+
+_EXTRACTOR_HELP = {
+    "clip": "local CLIP model folder (CLIPModel + tokenizer + preprocessor files, e.g. a copy of "
+    "openai/clip-vit-large-patch14): text alignment, frame consistency, CLIP-T, CLIP-I",
+    "dino": "local DINO ViT folder (ViTModel/Dinov2Model + preprocessor_config.json, e.g. a copy of "
+    "facebook/dino-vits16): DINO subject similarity",
+    "i3d": "local TorchScript I3D file (StyleGAN-V's i3d_torchscript.pt, Kinetics-400): FVD",
+    "c3d": "local TorchScript C3D file fine-tuned on UCF-101 (StyleGAN-V's c3d_ucf101.pt): video IS",
+}
+
+_LAYOUT_FOOTER = """
+Extractors are read from local paths only (nothing is downloaded); a metric whose extractor is not given is
+skipped with a note. Metadata paths are relative to the metadata file's folder (or absolute); unknown keys are
+ignored. See docs/metrics.md for the definitions and protocols.
+"""
+
+_FOLDER_HELP = (
+    """Score a folder of generated videos with the standard metrics.
+
+Layout:
+  VIDEOS/metadata.jsonl (or prompts.jsonl), one JSON object per line:
+    {"video": "cat_000.mp4", "prompt": "a cat walking on the beach",
+     "subject": "subjects/cat.png", "reference": "real/cat_000.mp4"}
+  video (or file_name): a video file or frame folder (required)
+  prompt: the text it was made from (text alignment, CLIP-T; optional)
+  subject: an image, a folder of images, or a list of them (CLIP-I, DINO; optional)
+  reference: a real video for the FVD reference set when --reference is not given (optional)
+  Without a metadata file every video file directly inside VIDEOS is scored (no prompts).
+  --reference DIR: every video file under DIR (recursively) is a real video for FVD.
+"""
+    + _LAYOUT_FOOTER
+)
+
+_DAVIS_HELP = (
+    """Score edited DAVIS sequences: textual alignment, frame consistency (CLIP, x100) and the
+error inside the kept region.
+
+Layout:
+  DAVIS/JPEGImages/480p/<sequence>/00000.jpg ...   (the DAVIS release: --davis DAVIS)
+  DAVIS/Annotations/480p/<sequence>/00000.png ...  (optional: the kept-region error)
+  VIDEOS/metadata.jsonl, one JSON object per edited video:
+    {"video": "blackswan_snow.mp4", "sequence": "blackswan",
+     "prompt": "a swan swimming in the snow", "keep": "subject"}
+  keep: subject (default: the annotated object was kept) or background.
+  Edited frame i is compared with source frame i (what `magdiff edit` produces).
+"""
+    + _LAYOUT_FOOTER
+)
+
+_DREAMBOOTH_HELP = (
+    """Score videos of DreamBooth subjects: DINO, CLIP-I, CLIP-T (cosines, not x100).
+
+Layout:
+  DATASET/<subject>/*.jpg        (the DreamBooth dataset folder: --dataset DATASET)
+  VIDEOS/metadata.jsonl, one JSON object per video:
+    {"video": "dog6_00.mp4", "subject": "dog6", "prompt": "a dog swimming in a pool"}
+  Each frame is compared with every image of its subject; means over frames, then over videos.
+"""
+    + _LAYOUT_FOOTER
+)
+
+
+def _check_json_output(path: str | None) -> None:
+    if path is None:
+        return
+    out = Path(path).expanduser()
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise MagDiffInputError(f"the output folder {str(parent)!r} for --out {str(out)!r} does not exist.")
+    if out.is_dir():
+        raise MagDiffInputError(f"--out {str(out)!r} is an existing folder; give a file name.")
+
+
+def _check_extractor_paths(args: argparse.Namespace, kinds: Sequence[str]) -> None:
+    """Fail on a missing extractor path before any model is loaded."""
+    for kind in kinds:
+        path = getattr(args, kind)
+        if path is not None and not Path(path).expanduser().exists():
+            what = {
+                "clip": "folder of a CLIP model",
+                "dino": "folder of a DINO ViT",
+                "i3d": "TorchScript file of the I3D network",
+                "c3d": "TorchScript file of the C3D network",
+            }[kind]
+            raise MagDiffInputError(f"--{kind} {path!r} does not exist; give the local {what}.")
+
+
+def _load_extractors(args: argparse.Namespace, kinds: Sequence[str]):  # -> Extractors
+    from transformers.utils import logging as transformers_logging
+
+    from .evaluation.metrics import C3DClassifier, ClipEmbedder, DinoEmbedder, I3DFeatures
+    from .evaluation.standard import Extractors
+
+    _check_extractor_paths(args, kinds)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    device = _device(args.device)
+    extractors = Extractors()
+    if "clip" in kinds and args.clip:
+        extractors.clip = ClipEmbedder.from_pretrained(args.clip, device=device)
+    if "dino" in kinds and args.dino:
+        extractors.dino = DinoEmbedder.from_pretrained(args.dino, device=device)
+    if "i3d" in kinds and args.i3d:
+        extractors.i3d = I3DFeatures.from_torchscript(args.i3d, device=device)
+    if "c3d" in kinds and args.c3d:
+        outputs = "logits" if args.c3d_logits else "probabilities"
+        extractors.c3d = C3DClassifier.from_torchscript(args.c3d, device=device, outputs=outputs)
+    extractors.paths = {kind: getattr(args, kind) for kind in kinds if getattr(args, kind)}
+    return extractors
+
+
+def _report(args: argparse.Namespace, benchmark: str, inputs: dict, extractors, **evaluate_kwargs) -> None:
+    import json
+
+    from .evaluation.standard import evaluate_videos
+
+    skipped: dict[str, str] = {}
+    per_video: list[dict] = []
+    results = evaluate_videos(
+        extractors=extractors,
+        progress=not args.no_progress,
+        per_video=per_video,
+        skipped=skipped,
+        **evaluate_kwargs,
+    )
+    width = max(len(key) for key in [*results, *skipped])
+    for key, value in results.items():
+        shown = str(int(value)) if key.startswith(("num_", "fvd_num_")) else f"{value:.4f}"
+        print(f"{key:<{width}}  {shown}")
+    for metric, reason in skipped.items():
+        print(f"{metric:<{width}}  skipped: {reason}")
+    if args.out:
+        from .media import write_text_atomically
+
+        record = {
+            "benchmark": benchmark,
+            **inputs,
+            "extractors": extractors.paths,
+            "results": results,
+            "skipped": skipped,
+            "per_video": per_video,
+        }
+        write_text_atomically(args.out, json.dumps(record, indent=1))
+        print(f"wrote {args.out}")
+
+
+def cmd_evaluate_folder(args: argparse.Namespace) -> None:
+    from .evaluation.standard import FOLDER_METRICS, list_videos, read_folder
+
+    _check_json_output(args.out)
+    items = read_folder(args.videos)
+    references: list[Path] = []
+    if args.reference is not None:
+        references = list_videos(args.reference, recursive=True)
+        if not references:
+            raise MagDiffInputError(f"--reference {args.reference!r} contains no video files.")
+    extractors = _load_extractors(args, ("clip", "dino", "i3d", "c3d"))
+    inputs = {"videos": args.videos, "reference": args.reference, "num_frames": args.num_frames}
+    _report(
+        args,
+        "folder",
+        inputs,
+        extractors,
+        items=items,
+        metrics=FOLDER_METRICS,
+        reference_videos=references,
+        num_frames=args.num_frames,
+        is_splits=args.is_splits,
+        frame_pairs=args.frame_pairs,
+        batch_size=args.batch_size,
+    )
+
+
+def cmd_evaluate_davis(args: argparse.Namespace) -> None:
+    from .evaluation.standard import DAVIS_METRICS, read_davis
+
+    _check_json_output(args.out)
+    items = read_davis(args.davis, args.videos, resolution=args.resolution)
+    extractors = _load_extractors(args, ("clip",))
+    inputs = {"videos": args.videos, "davis": args.davis, "resolution": args.resolution}
+    _report(args, "davis", inputs, extractors, items=items, metrics=DAVIS_METRICS, frame_pairs=args.frame_pairs)
+
+
+def cmd_evaluate_dreambooth(args: argparse.Namespace) -> None:
+    from .evaluation.standard import DREAMBOOTH_METRICS, read_dreambooth
+
+    _check_json_output(args.out)
+    items = read_dreambooth(args.dataset, args.videos)
+    extractors = _load_extractors(args, ("clip", "dino"))
+    inputs = {"videos": args.videos, "dataset": args.dataset}
+    _report(args, "dreambooth", inputs, extractors, items=items, metrics=DREAMBOOTH_METRICS)
+
+
+def _add_standard_arguments(parser: argparse.ArgumentParser, kinds: Sequence[str]) -> None:
+    parser.add_argument("--videos", required=True, metavar="DIR", help="folder of the videos to score (see above)")
+    for kind in kinds:
+        metavar = "DIR" if kind in ("clip", "dino") else "FILE"
+        parser.add_argument(f"--{kind}", default=None, metavar=metavar, help=_EXTRACTOR_HELP[kind])
+    parser.add_argument("--out", default=None, metavar="JSON", help="write results, skipped metrics, per-video scores")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_standard_parsers(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    pairs_help = "frame pairs of frame consistency: consecutive (default) or all pairs"
+
+    folder = targets.add_parser(
+        "folder", help="standard metrics of a folder of videos", description=_FOLDER_HELP, formatter_class=formatter
+    )
+    _add_standard_arguments(folder, ("clip", "dino", "i3d", "c3d"))
+    folder.add_argument("--reference", default=None, metavar="DIR", help="folder of real videos for FVD")
+    folder.add_argument(
+        "--num-frames",
+        type=int,
+        default=16,
+        help="frames per clip for FVD and IS (default 16, the published protocol; other values are not comparable)",
+    )
+    folder.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score (default 10)")
+    folder.add_argument("--c3d-logits", action="store_true", help="the --c3d network returns logits, not softmax")
+    folder.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
+    folder.add_argument("--batch-size", type=int, default=8, help="clips per I3D/C3D batch (default 8)")
+    folder.set_defaults(func=cmd_evaluate_folder)
+
+    davis = targets.add_parser(
+        "davis",
+        help="textual alignment and frame consistency of DAVIS edits",
+        description=_DAVIS_HELP,
+        formatter_class=formatter,
+    )
+    davis.add_argument("--davis", required=True, metavar="DIR", help="the DAVIS folder (JPEGImages/, Annotations/)")
+    davis.add_argument("--resolution", default="480p", help="DAVIS resolution folder (default 480p)")
+    davis.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
+    _add_standard_arguments(davis, ("clip",))
+    davis.set_defaults(func=cmd_evaluate_davis)
+
+    dreambooth = targets.add_parser(
+        "dreambooth",
+        help="DINO, CLIP-I and CLIP-T of DreamBooth subject videos",
+        description=_DREAMBOOTH_HELP,
+        formatter_class=formatter,
+    )
+    dreambooth.add_argument("--dataset", required=True, metavar="DIR", help="the DreamBooth dataset folder")
+    _add_standard_arguments(dreambooth, ("clip", "dino"))
+    dreambooth.set_defaults(func=cmd_evaluate_dreambooth)
 
 
 def cmd_world_preview(args: argparse.Namespace) -> None:
@@ -389,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_parser.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="score a model")
+    evaluate = commands.add_parser("evaluate", help="score a model or a folder of videos")
     targets = evaluate.add_subparsers(dest="target", required=True)
     world = targets.add_parser("world", help="the world benchmark, scored exactly by the oracle")
     world.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
@@ -403,12 +651,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated, from generation,empty_subject,editing,editing_inverted (default: the first three)",
     )
+    world.add_argument(
+        "--subject-input",
+        choices=("segmented", "whole"),
+        default="segmented",
+        help="generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)",
+    )
     world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
     world.add_argument("--out", default=None, help="write the results as JSON here")
     world.add_argument("--device", default="auto")
     world.add_argument("--dtype", choices=DTYPES, default="float32")
     world.add_argument("--scheduler", choices=SCHEDULERS, default="default")
     world.set_defaults(func=cmd_evaluate_world)
+    _add_standard_parsers(targets)
 
     from .data.manifest import add_segment_dataset_parser
 

@@ -66,12 +66,17 @@ def evaluate_world(
     progress: bool = True,
     first_sample: int = 0,
     per_sample: list[dict[str, Any]] | None = None,
+    subject_input: str = "segmented",
 ) -> dict[str, float]:
     """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
 
     Held-out clips ``first_sample .. first_sample + num_samples - 1`` are used, each with its own seeded generator,
     so shards of the range give exactly the scores of one run over it. ``per_sample``, when given, receives one
-    record per clip and task (for merging shards or looking at failures)."""
+    record per clip and task (for merging shards or looking at failures). ``subject_input="whole"`` gives
+    generation the whole first frame as its subject (for models trained on uncut subjects); fidelity is still
+    scored against the cut-out subject."""
+    if subject_input not in ("segmented", "whole"):
+        raise ValueError(f"subject_input must be 'segmented' or 'whole', got {subject_input!r}.")
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"Unknown world benchmark tasks {sorted(unknown)}; choose from {TASKS}.")
@@ -92,10 +97,13 @@ def evaluate_world(
         subject_image, subject_mask = subject_cutout(frames, masks)
         row = []
         if "generation" in tasks:
+            given_image, given_mask = subject_image, subject_mask
+            if subject_input == "whole":
+                given_image, given_mask = frames[0], torch.ones_like(subject_mask)
             out = pipeline(
                 caption,
-                subject_image=subject_image,
-                subject_mask=subject_mask,
+                subject_image=given_image,
+                subject_mask=given_mask,
                 generator=torch.Generator().manual_seed(seed + index),
                 **settings,
             )

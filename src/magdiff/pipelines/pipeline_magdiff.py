@@ -155,7 +155,11 @@ class MagDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_subject_slots(
-        self, slots: torch.Tensor, filled: torch.Tensor, size: tuple[int, int]
+        self,
+        slots: torch.Tensor,
+        filled: torch.Tensor,
+        size: tuple[int, int],
+        hfa_scales: Sequence[float] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Encode the F subject slots for both alignment paths.
 
@@ -163,6 +167,8 @@ class MagDiffPipeline(DiffusionPipeline):
             slots: (F, 3, H, W) in [-1, 1]; empty slots are all -1.
             filled: (F,) bool.
             size: video size in pixels (H, W); the HFA pyramid is taken at its ``hfa_scales``.
+            hfa_scales: encode the pyramid at these scales whatever the U-Net's ``hfa`` (training caches); default:
+                what the U-Net uses (none with ``hfa="off"``, 1x with ``"single"``).
 
         Returns:
             ``subject_embeds`` (1, F, n, d): image-encoder hidden states per slot; ``subject_latents``: one
@@ -186,9 +192,10 @@ class MagDiffPipeline(DiffusionPipeline):
 
         subject_latents: list[torch.Tensor] = []
         hfa = self.unet.config.hfa
-        if hfa != "off":
-            scales = tuple(self.unet.config.hfa_scales) if hfa == "pyramid" else (1.0,)
-            for scaled_size in pyramid_sizes(size[0], size[1], scales, self.vae_scale_factor):
+        if hfa_scales is None:
+            hfa_scales = () if hfa == "off" else (tuple(self.unet.config.hfa_scales) if hfa == "pyramid" else (1.0,))
+        if hfa_scales:
+            for scaled_size in pyramid_sizes(size[0], size[1], tuple(hfa_scales), self.vae_scale_factor):
                 resized = unique_images
                 if tuple(resized.shape[-2:]) != scaled_size:
                     resized = F.interpolate(

@@ -4,6 +4,10 @@ Per clip: the video latents, the caption's text tokens, and for EVERY frame its 
 (image-encoder hidden states for APA, the HFA latent pyramid). Empty slots, the empty prompt: encoded once. At
 train time a slot-filling draw picks, per slot, the frame's cut-out or the empty encoding, so one cache serves the
 generation setting (slot 0), the editing setting (all slots) and random subsets.
+
+The pyramid is always encoded at three scales (the U-Net's own with ``hfa="pyramid"``), so models with HFA off,
+single-scale or pyramid share one cache; ``subject_image="whole"`` (the ablation's uncut subject) encodes the whole
+frames instead of the cut-outs and is a cache of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from ..pipelines.pipeline_magdiff import MagDiffPipeline
 from ..sda import cut_out, empty_slots
 
 CACHE_DTYPE = torch.float16
+DEFAULT_CACHE_SCALES = (1.0, 1.25, 1.5)
+
+
+def cache_scales(pipeline: MagDiffPipeline) -> tuple[float, ...]:
+    """The pyramid scales a cache holds: the U-Net's with ``hfa="pyramid"``, else 1x/1.25x/1.5x (1x first, as the
+    single-scale HFA reads the first level)."""
+    if pipeline.unet.config.hfa == "pyramid":
+        return tuple(pipeline.unet.config.hfa_scales)
+    return DEFAULT_CACHE_SCALES
 
 
 @dataclass
@@ -79,23 +92,27 @@ class EncodedClips:
 
 
 def fingerprint(
-    pipeline: MagDiffPipeline, dataset_name: str, num_samples: int, num_frames: int, resolution: int
+    pipeline: MagDiffPipeline,
+    dataset_name: str,
+    num_samples: int,
+    num_frames: int,
+    resolution: int,
+    subject_image: str = "segmented",
 ) -> str:
     """Identifies what a cache was built from (data + frozen encoders), so a stale cache is rebuilt."""
     digest = hashlib.sha256()
-    digest.update(
-        json.dumps(
-            [
-                dataset_name,
-                num_samples,
-                num_frames,
-                resolution,
-                list(pipeline.unet.config.hfa_scales),
-                pipeline.unet.config.hfa,
-                pipeline.unet.config.image_encoder_hidden_layer,
-            ]
-        ).encode()
-    )
+    fields: list = [
+        dataset_name,
+        num_samples,
+        num_frames,
+        resolution,
+        list(cache_scales(pipeline)),
+        "pyramid",  # every cache holds a pyramid (kept in the digest so earlier caches stay valid)
+        pipeline.unet.config.image_encoder_hidden_layer,
+    ]
+    if subject_image == "whole":
+        fields.append("whole")
+    digest.update(json.dumps(fields).encode())
     for module in (pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
         for name, tensor in sorted(module.state_dict().items())[:8]:
             digest.update(name.encode())
@@ -111,8 +128,11 @@ def encode_clips(
     resolution: int,
     fingerprint_value: str,
     progress: bool = True,
+    subject_image: str = "segmented",
 ) -> EncodedClips:
-    """Run the frozen encoders over the first ``num_samples`` clips of ``dataset``."""
+    """Run the frozen encoders over the first ``num_samples`` clips of ``dataset``; ``subject_image="whole"``
+    encodes each whole frame as its slot instead of the cut-out subject."""
+    scales = cache_scales(pipeline)
     size = (resolution, resolution)
     latents, texts, slot_embeds = [], [], []
     slot_pyramid: list[list[torch.Tensor]] = []
@@ -124,15 +144,15 @@ def encode_clips(
         num_frames = frames.shape[0]
         latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
         texts.append(pipeline.encode_prompt([sample["caption"]], pipeline.device)[0].to(CACHE_DTYPE))
-        cutouts = cut_out(frames, masks)  # (F, 3, H, W)
-        embeds, pyramid = pipeline.encode_subject_slots(cutouts, torch.ones(num_frames, dtype=torch.bool), size)
+        slots = frames if subject_image == "whole" else cut_out(frames, masks)  # (F, 3, H, W)
+        embeds, pyramid = pipeline.encode_subject_slots(slots, torch.ones(num_frames, dtype=torch.bool), size, scales)
         slot_embeds.append(embeds[0].to(CACHE_DTYPE))  # (F, n, d)
         for scale, level in enumerate(pyramid):  # (1, c, F, h_s, w_s)
             if len(slot_pyramid) <= scale:
                 slot_pyramid.append([])
             slot_pyramid[scale].append(level[0].permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (F, c, h_s, w_s)
     empty = empty_slots(1, *size)
-    empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size)
+    empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size, scales)
     empty_text = pipeline.encode_prompt([""], pipeline.device)[0]
     return EncodedClips(
         latents=torch.stack(latents),

@@ -44,6 +44,9 @@ class TrainConfig:
     """Clips per process per optimiser step."""
     max_steps: int = 10000
     text_dropout: float = 0.15
+    subject_image: str = "segmented"
+    """What a filled slot holds: ``"segmented"`` (the frame's cut-out subject, the paper), ``"whole"`` (the whole
+    frame, the ablation the paper's SDA argues against) or ``"none"`` (slots always empty: the text-only baseline)."""
     slot_fill_all_probability: float = 0.3
     slot_fill_subset_probability: float = 0.2
     prediction_type: str = "epsilon"
@@ -92,6 +95,10 @@ class TrainConfig:
             ),
             (self.prediction_type in ("epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction"),
             (self.trainable in ("magdiff", "all"), "trainable must be 'magdiff' or 'all'"),
+            (
+                self.subject_image in ("segmented", "whole", "none"),
+                "subject_image must be 'segmented', 'whole' or 'none'",
+            ),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1) or null"),

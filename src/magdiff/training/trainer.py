@@ -81,6 +81,8 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
     filled = draw_slot_filling(
         batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
     )
+    if config.subject_image == "none":  # the text-only baseline: the same draws, every slot left empty
+        filled[:] = False
     embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[index].float(), clips.empty_embeds.float())
     pyramid = []
     for slot_level, empty_level in zip(clips.slot_pyramid, clips.empty_pyramid):
@@ -141,10 +143,11 @@ def load_or_build_cache(
     cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
     dataset = training_dataset(config)
     num_samples = min(config.num_train_samples, len(dataset))
-    expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution)
+    subject_image = "whole" if config.subject_image == "whole" else "segmented"
+    expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution, subject_image)
     path = cache_dir / f"clips_{expected}.safetensors"
     if accelerator.is_main_process and not path.is_file():
-        clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress)
+        clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress, subject_image)
         clips.save(path)
     accelerator.wait_for_everyone()
     return EncodedClips.load(path)

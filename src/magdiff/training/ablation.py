@@ -1,0 +1,220 @@
+"""The paper's ablation ladder, reproduced on the world: one recipe (the ``world`` preset), the same budget and seeds,
+and one change per variant.
+
+Ladder: text only (no subject) -> + SDA (segmented subject, fixed prompt weights, no HFA) -> + APA (learned weights)
+-> + HFA (pyramid, the full model). Side studies: whole-image vs segmented subject (the SDA argument), fixed vs
+learned APA weights with HFA, single-scale vs pyramid HFA.
+
+    python -m magdiff.training.ablation run sda --steps 3000      # train + benchmark one variant
+    python -m magdiff.training.ablation run sda --print-commands  # the equivalent magdiff commands
+    python -m magdiff.training.ablation report --out docs/ablation_results.md
+
+Every variant writes ``<root>/<variant>/model`` and ``<root>/<variant>/benchmark.json``; ``report`` tabulates the
+oracle scores of all variants found and the learned ``a_img``/``a_txt`` per layer of the full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MagDiffInputError
+from .config import TrainConfig, config_from_dict, get_preset
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    subject_input: str = "segmented"
+    """What the benchmark gives generation as the subject (``"whole"``: the whole first frame)."""
+
+
+VARIANTS: dict[str, Variant] = {
+    "text-only": Variant(
+        "text only: every subject slot empty", {"subject_image": "none", "apa": "fixed", "hfa": "off"}
+    ),
+    "sda": Variant(
+        "+ SDA: segmented subject, fixed weights (a_img = a_txt = 1), no HFA", {"apa": "fixed", "hfa": "off"}
+    ),
+    "sda-apa": Variant("+ APA: learned a_img / a_txt per layer, no HFA", {"apa": "learned", "hfa": "off"}),
+    "full": Variant("+ HFA: 1x/1.25x/1.5x pyramid (the full MagDiff)", {"apa": "learned", "hfa": "pyramid"}),
+    "whole-image": Variant(
+        "full, but the subject is the whole frame, not the cut-out",
+        {"apa": "learned", "hfa": "pyramid", "subject_image": "whole"},
+        subject_input="whole",
+    ),
+    "fixed-apa": Variant("full, but fixed APA weights", {"apa": "fixed", "hfa": "pyramid"}),
+    "single-hfa": Variant("full, but single-scale HFA (1x latent only)", {"apa": "learned", "hfa": "single"}),
+}
+LADDER = ("text-only", "sda", "sda-apa", "full")
+DEFAULT_STEPS = 3000
+REPORTED = (
+    ("generation/motion_correct", "motion"),
+    ("generation/background_correct", "background"),
+    ("generation/subject_fidelity", "fidelity"),
+    ("empty_subject/subject_fidelity", "fidelity, empty slots"),
+    ("generation/temporal_consistency", "temporal"),
+    ("editing/mask_iou", "edit IoU"),
+    ("editing/kept_pixel_error", "kept-pixel error"),
+    ("editing/background_correct", "new background"),
+)
+
+
+def variant_config(name: str, root: str | Path = "runs/ablation", **overrides: Any) -> TrainConfig:
+    """The ``world`` recipe with the variant's changes; every variant shares one cache folder under ``root``."""
+    if name not in VARIANTS:
+        raise MagDiffInputError(f"Unknown ablation variant {name!r}; choose from {sorted(VARIANTS)}.")
+    root = Path(root)
+    values = {
+        "output_dir": str(root / name),
+        "cache_dir": str(root / "cache"),
+        "max_steps": DEFAULT_STEPS,
+        **VARIANTS[name].overrides,
+        **overrides,
+    }
+    return config_from_dict(values, get_preset("world"))
+
+
+def commands(
+    name: str, root: str | Path = "runs/ablation", steps: int = DEFAULT_STEPS, eval_samples: int = 200
+) -> list[str]:
+    """The ``magdiff`` commands that reproduce one row (two training processes, then the benchmark)."""
+    config = variant_config(name, root, max_steps=steps)
+    sets = " ".join(
+        f"--set {key}={shlex.quote(str(value))}"
+        for key, value in {**VARIANTS[name].overrides, "cache_dir": config.cache_dir, "batch_size": 4}.items()
+    )
+    evaluate = (
+        f"magdiff evaluate world --model {config.output_dir}/model --num-samples {eval_samples} "
+        f"--out {config.output_dir}/benchmark.json"
+    )
+    if VARIANTS[name].subject_input == "whole":
+        evaluate += " --subject-input whole"
+    return [
+        f"torchrun --nproc_per_node 2 -m magdiff.cli train --preset world --output-dir {config.output_dir} "
+        f"--max-steps {steps} {sets}",
+        evaluate,
+    ]
+
+
+def run(
+    name: str,
+    root: str | Path,
+    steps: int,
+    eval_samples: int,
+    eval_steps: int = 25,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Train one variant (resuming its latest checkpoint) and run the world benchmark on its EMA export.
+
+    ``overrides`` change the shared recipe (the same for every variant of one study, e.g. a smaller model)."""
+    from ..evaluation.world_benchmark import evaluate_world
+    from ..media import write_text_atomically
+    from ..pipelines.pipeline_magdiff import MagDiffPipeline
+    from .trainer import train
+
+    config = variant_config(name, root, **{**(overrides or {}), "max_steps": steps})
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    resume = "latest" if checkpoints.is_dir() and any(checkpoints.glob("step_*")) else None
+    export = train(config, resume=resume, progress=progress)
+    pipeline = MagDiffPipeline.from_pretrained(export, use_safetensors=True)
+    pipeline.set_progress_bar_config(disable=True)
+    per_sample: list[dict] = []
+    results = evaluate_world(
+        pipeline,
+        num_samples=eval_samples,
+        num_inference_steps=eval_steps,
+        num_frames=config.num_frames,
+        resolution=config.resolution,
+        progress=progress,
+        per_sample=per_sample,
+        subject_input=VARIANTS[name].subject_input,
+    )
+    record = {
+        "variant": name,
+        "description": VARIANTS[name].description,
+        "overrides": VARIANTS[name].overrides,
+        "max_steps": steps,
+        "num_samples": eval_samples,
+        "first_sample": 0,
+        "steps": eval_steps,
+        "guidance_scale": 7.5,
+        "seed": 0,
+        "results": results,
+        "apa_weights": {k: list(v) for k, v in pipeline.unet.apa_weights().items()},
+        "per_sample": per_sample,
+    }
+    write_text_atomically(Path(config.output_dir) / "benchmark.json", json.dumps(record, indent=1))
+    return record
+
+
+def report(root: str | Path) -> str:
+    """A Markdown table of every variant's benchmark under ``root``, then the full model's APA weights per layer."""
+    root = Path(root)
+    records = {}
+    for name in VARIANTS:
+        path = root / name / "benchmark.json"
+        if path.is_file():
+            records[name] = json.loads(path.read_text())
+    if not records:
+        raise MagDiffInputError(f"No ablation results under {root} (expected {root}/<variant>/benchmark.json).")
+    lines = [
+        "| variant | what changes | " + " | ".join(label for _, label in REPORTED) + " | clips | steps |",
+        "|---" * (len(REPORTED) + 4) + "|",
+    ]
+    for name, record in records.items():
+        scores = record["results"]
+        cells = [f"{scores[key]:.3f}" if key in scores else "-" for key, _ in REPORTED]
+        count = int(scores.get("generation/count", record.get("num_samples", 0)))
+        lines.append(
+            f"| {name} | {VARIANTS[name].description} | "
+            + " | ".join(cells)
+            + f" | {count} | {record.get('max_steps', '?')} |"
+        )
+    full = records.get("full")
+    if full and full.get("apa_weights"):
+        lines += ["", "Learned APA weights of the full model:", "", "| layer | a_img | a_txt |", "|---|---|---|"]
+        for layer, (a_img, a_txt) in full["apa_weights"].items():
+            lines.append(f"| `{layer}` | {a_img:.3f} | {a_txt:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m magdiff.training.ablation", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train and benchmark one variant")
+    run_parser.add_argument("variant", choices=sorted(VARIANTS))
+    run_parser.add_argument("--root", default="runs/ablation")
+    run_parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (same for every variant)")
+    run_parser.add_argument("--eval-samples", type=int, default=200)
+    run_parser.add_argument("--eval-steps", type=int, default=25)
+    run_parser.add_argument("--print-commands", action="store_true", help="print the magdiff commands and stop")
+    report_parser = sub.add_parser("report", help="tabulate the variants' benchmark results")
+    report_parser.add_argument("--root", default="runs/ablation")
+    report_parser.add_argument("--out", default=None, help="write the Markdown table here")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.print_commands:
+            print("\n".join(commands(args.variant, args.root, args.steps, args.eval_samples)))
+            return
+        record = run(args.variant, args.root, args.steps, args.eval_samples, args.eval_steps)
+        for key, label in REPORTED:
+            if key in record["results"]:
+                print(f"{label:<24} {record['results'][key]:.4f}")
+        return
+    table = report(args.root)
+    if args.out:
+        from ..media import write_text_atomically
+
+        write_text_atomically(args.out, table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()
