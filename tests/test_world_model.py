@@ -58,3 +58,27 @@ def test_world_pipeline_generates_64px_video():
 def test_missing_vae_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No VAE"):
         world_vae(tmp_path / "nothing")
+
+
+def test_text_time_conditioning_feeds_the_mean_text_token_to_the_time_embedding(tmp_path):
+    unet = world_unet((16, 32), sample_size=16).eval()
+    assert unet.config.text_time_conditioning and unet.config.time_cond_proj_dim == 64
+    assert unet.time_embedding.cond_proj.in_features == 64
+    generator = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 4, 16, 16, generator=generator), torch.randn(1, 16, 64, generator=generator)
+    with torch.no_grad():
+        implicit = unet(sample, 10, text).sample
+        explicit = unet(sample, 10, text, timestep_cond=text.mean(dim=1)).sample
+        per_frame = unet(sample, 10, text.repeat_interleave(4, dim=0)).sample
+        other = unet(sample, 10, text, timestep_cond=torch.zeros(1, 64)).sample
+    torch.testing.assert_close(implicit, explicit)
+    torch.testing.assert_close(implicit, per_frame)
+    assert (implicit - other).abs().max() > 1e-4  # the pooled text reaches the output through the time path
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = type(unet).from_pretrained(tmp_path / "unet").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 10, text).sample, implicit)
+    plain = world_unet((16, 32), sample_size=16, text_time_conditioning=False)
+    assert plain.time_embedding.cond_proj is None
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        type(unet)(**{**dict(unet.config), "time_cond_proj_dim": 8})

@@ -102,6 +102,10 @@ class MagDiffUNetModel(UNetMotionModel):
         num_image_tokens: Resampler queries = image tokens per subject slot (16).
         resampler_hidden_dim, resampler_depth, resampler_heads, resampler_dim_head: Resampler shape
             (IP-Adapter-Plus for SD 1.5: 768, 4, 12, 64).
+        text_time_conditioning: add the mean text token, through diffusers' ``time_cond_proj_dim`` projection, to
+            the time embedding: a global text path beside cross-attention (not in the paper; SD-based models leave it
+            off). The world model uses it: its background colour and motion are clip-wide properties, and a small
+            model trained from scratch with frozen random text features learns them far faster with it.
     """
 
     @register_to_config
@@ -163,11 +167,19 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_depth: int = 4,
         resampler_heads: int = 12,
         resampler_dim_head: int = 64,
+        text_time_conditioning: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
         if hfa not in HFA_MODES:
             raise ValueError(f"Unknown hfa mode {hfa!r}; choose one of {HFA_MODES}.")
+        if text_time_conditioning:
+            if time_cond_proj_dim not in (None, cross_attention_dim):
+                raise ValueError(
+                    f"text_time_conditioning projects the pooled text ({cross_attention_dim} channels) into the time "
+                    f"embedding; time_cond_proj_dim must be None or {cross_attention_dim}, got {time_cond_proj_dim}."
+                )
+            time_cond_proj_dim = cross_attention_dim
         if encoder_hid_dim_type is not None:
             raise ValueError(
                 "MagDiffUNetModel owns its image projection (the Resampler); encoder_hid_dim_type must "
@@ -409,6 +421,13 @@ class MagDiffUNetModel(UNetMotionModel):
         if self.config.hfa != "off":
             hfa_latents = torch.zeros_like(sample) if subject is None else subject.hfa_latents.to(sample.dtype)
             sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2*c, F, h, w)
+
+        # Optional global text path: the mean text token, projected into the time embedding (diffusers' cond_proj).
+        if self.config.text_time_conditioning and timestep_cond is None:
+            per_clip = encoder_hidden_states
+            if per_clip.shape[0] != batch_size:  # already repeated per frame: take each clip's first copy
+                per_clip = per_clip.view(batch_size, num_frames, *per_clip.shape[1:])[:, 0]
+            timestep_cond = per_clip.mean(dim=1).to(sample.dtype)  # (b, c)
 
         # Text tokens per frame, then the APA context (text, image tokens) with every slot's tokens per frame.
         if encoder_hidden_states.shape[0] == batch_size:

@@ -65,6 +65,9 @@ class TrainConfig:
     apa: str = "learned"
     hfa: str = "pyramid"
     unet_channels: tuple[int, ...] = (64, 128, 128)
+    text_time_conditioning: bool = True
+    """Add the mean text token to the time embedding (see ``MagDiffUNetModel``): a global text path for the
+    world's clip-wide properties (background colour, motion)."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs

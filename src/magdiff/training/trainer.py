@@ -119,6 +119,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         hfa=config.hfa,
         max_frames=max(16, config.num_frames),
         seed=config.seed,
+        text_time_conditioning=config.text_time_conditioning,
     )
     return MagDiffPipeline(unet=unet, **components)
 
