@@ -127,6 +127,10 @@ def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path,
         PIL.Image.fromarray(np.full((10, 10), 255, dtype=np.uint8)).save(wrong_masks / f"{index}.png")
     empty_mask = tmp_path / "empty.png"
     PIL.Image.fromarray(np.zeros((24, 24), dtype=np.uint8)).save(empty_mask)
+    few_masks = tmp_path / "few_masks"
+    few_masks.mkdir()
+    for index in range(2):
+        PIL.Image.fromarray(np.full((24, 24), 255, dtype=np.uint8)).save(few_masks / f"{index}.png")
     empty_masks = tmp_path / "empty_masks"
     empty_masks.mkdir()
     for index in range(3):
@@ -143,6 +147,7 @@ def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path,
         (["edit", "--video", str(video), "--masks", str(wrong_masks), "--num-frames", "3"], "f.gif", ["size"]),
         (["edit", "--video", str(tmp_path / "nope.mp4")], "g.gif", ["nope.mp4"]),
         (["edit", "--video", str(video), "--masks", str(empty_masks), "--num-frames", "3"], "i.gif", ["empty"]),
+        (["edit", "--video", str(video), "--masks", str(few_masks), "--num-frames", "3"], "k.gif", ["2", "3"]),
         (
             [
                 "edit",
