@@ -82,3 +82,14 @@ def test_text_time_conditioning_feeds_the_mean_text_token_to_the_time_embedding(
     assert plain.time_embedding.cond_proj is None
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         type(unet)(**{**dict(unet.config), "time_cond_proj_dim": 8})
+
+
+def test_world_schedule_ends_at_zero_snr_and_samples_from_the_last_step():
+    from magdiff.world_model import world_scheduler
+
+    scheduler = world_scheduler()
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # no signal left at t = 999: the text must give the colour
+    assert float(scheduler.alphas_cumprod[0]) > 0.99
+    scheduler.set_timesteps(25)
+    assert int(scheduler.timesteps[0]) == 999
