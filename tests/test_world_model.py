@@ -93,3 +93,19 @@ def test_world_schedule_ends_at_zero_snr_and_samples_from_the_last_step():
     assert float(scheduler.alphas_cumprod[0]) > 0.99
     scheduler.set_timesteps(25)
     assert int(scheduler.timesteps[0]) == 999
+
+
+def test_world_text_features_separate_captions_that_differ_in_one_word():
+    from magdiff.world_model import world_text_encoder
+
+    tokenizer = world_tokenizer()
+    captions = [f"a red striped circle moving left on a {colour} background" for colour in ("red", "green", "blue")]
+    ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        tokens = world_text_encoder(len(tokenizer))(ids).last_hidden_state  # (3, 16, 64)
+    relative = (tokens[0] - tokens[1]).norm(dim=-1).max() / tokens[0].norm(dim=-1).mean()
+    assert relative > 0.6  # CLIP's own 0.02 init gives about 0.3 here
+    weak = world_text_encoder(len(tokenizer), token_embedding_std=0.02)
+    with torch.no_grad():
+        weak_tokens = weak(ids).last_hidden_state
+    assert (weak_tokens[0] - weak_tokens[1]).norm(dim=-1).max() / weak_tokens[0].norm(dim=-1).mean() < relative
