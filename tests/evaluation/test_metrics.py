@@ -289,7 +289,7 @@ def test_invariances(clip_embedder):
     text = clip_embedder.text_embeddings(["a red cat"])[0]
     forward = text_alignment(clip_embedder.image_embeddings(video), text)
     backward = text_alignment(clip_embedder.image_embeddings(video.flip(0)), text)
-    assert forward == pytest.approx(backward, abs=1e-9)
+    assert forward == pytest.approx(backward, abs=1e-5)  # float32 embeddings, summed in another order
     # scaling an embedding changes no cosine; a subject compared with itself is 1
     embeddings = clip_embedder.image_embeddings(video)
     assert subject_similarity(embeddings[:1], 3.0 * embeddings[:1]) == pytest.approx(1.0)
