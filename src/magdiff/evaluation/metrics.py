@@ -340,6 +340,17 @@ def _features_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def _embed_images(embedder: Any, images: Any, features: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run ``embedder.processor`` and ``features`` over ``images`` in batches of ``embedder.batch_size``."""
+    arrays = _images_uint8(images)
+    out = []
+    for start in range(0, len(arrays), embedder.batch_size):
+        pixels = embedder.processor(images=arrays[start : start + embedder.batch_size], return_tensors="pt")
+        pixel_values = pixels["pixel_values"].to(embedder.device, embedder.model.dtype)
+        out.append(features(pixel_values).float().cpu())
+    return torch.cat(out)
+
+
 class ClipEmbedder:
     """CLIP image and text embeddings from a transformers ``CLIPModel`` and its ``CLIPProcessor``.
 
@@ -382,13 +393,9 @@ class ClipEmbedder:
     @torch.no_grad()
     def image_embeddings(self, images: Any) -> torch.Tensor:
         """Embeddings ``(n, d)`` of a float ``(F, 3, H, W)`` tensor in [-1, 1] or a list of uint8 ``(H, W, 3)``."""
-        arrays = _images_uint8(images)
-        out = []
-        for start in range(0, len(arrays), self.batch_size):
-            pixels = self.processor(images=arrays[start : start + self.batch_size], return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.model.dtype)
-            out.append(_features_tensor(self.model.get_image_features(pixel_values=pixel_values)).float().cpu())
-        return torch.cat(out)
+        return _embed_images(
+            self, images, lambda pixels: _features_tensor(self.model.get_image_features(pixel_values=pixels))
+        )
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -445,13 +452,7 @@ class DinoEmbedder:
     @torch.no_grad()
     def image_embeddings(self, images: Any) -> torch.Tensor:
         """CLS embeddings ``(n, d)`` of a float ``(F, 3, H, W)`` tensor in [-1, 1] or a list of uint8 images."""
-        arrays = _images_uint8(images)
-        out = []
-        for start in range(0, len(arrays), self.batch_size):
-            pixels = self.processor(images=arrays[start : start + self.batch_size], return_tensors="pt")
-            pixel_values = pixels["pixel_values"].to(self.device, self.model.dtype)
-            out.append(self.model(pixel_values=pixel_values).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+        return _embed_images(self, images, lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
