@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from magdiff import MagDiffInputError, MagDiffPipeline
 from magdiff.training.checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors
 from magdiff.training.config import TrainConfig, config_from_dict, get_preset, load_config
-from magdiff.training.trainer import draw_slot_filling, min_snr_weights, train
+from magdiff.training.trainer import draw_slot_filling, min_snr_weights, train, training_dataset
 
 FAST = {"num_train_samples": 4, "batch_size": 1, "unet_channels": (16, 32), "num_frames": 4}
 
@@ -175,3 +176,47 @@ def test_exported_scheduler_samples_what_the_unet_predicts(tmp_path):
     export = train(_config(tmp_path, "v", max_steps=1, prediction_type="v_prediction", snr_gamma=5.0), progress=False)
     pipeline = MagDiffPipeline.from_pretrained(export)
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_text_encoder_trains_with_the_unet_and_resumes_exactly(tmp_path):
+    from magdiff.pipelines.pipeline_magdiff import encode_tokens
+    from magdiff.training.cache import EncodedClips
+
+    options = {"train_text_encoder": True, "ema_decay": 0.9, "checkpoint_every": 1, "learning_rate": 1e-2}
+    # A cache written before token ids were stored is rebuilt when the text encoder trains.
+    train(_config(tmp_path, "frozen", max_steps=1), progress=False)
+    (cache_path,) = (tmp_path / "cache").glob("clips_*.safetensors")
+    clips = EncodedClips.load(cache_path)
+    assert clips.has_tokens
+    dataclasses.replace(clips, input_ids=None, attention_mask=None, empty_ids=None, empty_attention_mask=None).save(
+        cache_path
+    )
+    assert not EncodedClips.load(cache_path).has_tokens
+
+    straight = train(_config(tmp_path, "straight", max_steps=2, **options), progress=False)
+    clips = EncodedClips.load(cache_path)
+    assert clips.has_tokens
+    halves = _config(tmp_path, "halves", max_steps=1, **options)
+    train(halves, progress=False)
+    resumed = train(config_from_dict({"max_steps": 2}, halves), resume="latest", progress=False)
+
+    checkpoint = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000002" / "unet.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in checkpoint) and any(k.startswith("unet.") for k in checkpoint)
+    for part in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        first, second = load_file(str(straight / part)), load_file(str(resumed / part))
+        assert all(torch.equal(first[k], second[k]) for k in first), part
+
+    # The exported text encoder is the trained one (it moved from its initialisation), and the cached ids give the
+    # same features as the pipeline's own prompt encoding.
+    frozen = MagDiffPipeline.from_pretrained(tmp_path / "frozen" / "model")
+    trained = MagDiffPipeline.from_pretrained(straight)
+    before = frozen.text_encoder.get_input_embeddings().weight
+    after = trained.text_encoder.get_input_embeddings().weight
+    assert not torch.allclose(before, after)
+    caption = training_dataset(halves)[0]["caption"]
+    ids, mask = trained.tokenize_prompt([caption])
+    assert torch.equal(clips.input_ids[0], ids[0]) and torch.equal(clips.attention_mask[0], mask[0])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encode_tokens(trained.text_encoder, ids, mask), trained.encode_prompt([caption], torch.device("cpu"))
+        )

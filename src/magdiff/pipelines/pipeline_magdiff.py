@@ -25,6 +25,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
@@ -67,6 +68,13 @@ class MagDiffPipelineOutput(BaseOutput):
 
 
 # ---------------------------------------------------------------------- the pipeline
+
+
+def encode_tokens(text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token ids -> the text tokens the U-Net attends to (the last hidden state; the mask is passed only to encoders
+    configured with ``use_attention_mask``). Shared by the pipeline and by training with a trainable text encoder."""
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    return text_encoder(input_ids, attention_mask=attention_mask if use_mask else None)[0]
 
 
 class MagDiffPipeline(DiffusionPipeline):
@@ -121,8 +129,8 @@ class MagDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
-        """Prompts -> text tokens (b, n_txt, c), padded to the tokenizer's max length as SD does."""
+    def tokenize_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask), each (b, n_txt), padded to the tokenizer's max length as SD does."""
         text_inputs = self.tokenizer(
             prompt,
             padding="max_length",
@@ -130,10 +138,12 @@ class MagDiffPipeline(DiffusionPipeline):
             truncation=True,
             return_tensors="pt",
         )
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = text_inputs.attention_mask.to(device)
-        embeds = self.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+        return text_inputs.input_ids, text_inputs.attention_mask
+
+    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
+        """Prompts -> text tokens (b, n_txt, c)."""
+        input_ids, attention_mask = self.tokenize_prompt(prompt)
+        embeds = encode_tokens(self.text_encoder, input_ids.to(device), attention_mask.to(device))
         return embeds.to(dtype=self.text_encoder.dtype)
 
     def _clip_pixels(self, images: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ def cache_scales(pipeline: MagDiffPipeline) -> tuple[float, ...]:
     return DEFAULT_CACHE_SCALES
 
 
+TOKEN_FIELDS = ("input_ids", "attention_mask", "empty_ids", "empty_attention_mask")
+
+
 @dataclass
 class EncodedClips:
     """Encodings of N clips of F frames (tensors stored in float16; cast at use)."""
@@ -50,6 +53,10 @@ class EncodedClips:
     empty_embeds: torch.Tensor  # (n_img, d)
     empty_pyramid: list[torch.Tensor]  # per scale (c, h_s, w_s)
     fingerprint: str
+    input_ids: torch.Tensor | None = None  # (N, n_txt) the captions' token ids (to train the text encoder)
+    attention_mask: torch.Tensor | None = None  # (N, n_txt)
+    empty_ids: torch.Tensor | None = None  # (n_txt,) the empty prompt's ids
+    empty_attention_mask: torch.Tensor | None = None  # (n_txt,)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -62,6 +69,9 @@ class EncodedClips:
             "empty_text": self.empty_text,
             "empty_embeds": self.empty_embeds,
         }
+        for name in TOKEN_FIELDS:
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         for index, (slot, empty) in enumerate(zip(self.slot_pyramid, self.empty_pyramid)):
             tensors[f"slot_pyramid.{index}"] = slot
             tensors[f"empty_pyramid.{index}"] = empty
@@ -88,7 +98,13 @@ class EncodedClips:
             tensors["empty_embeds"],
             [tensors[f"empty_pyramid.{i}"] for i in scales],
             fingerprint,
+            # Caches written before token ids were stored have none (they cannot train the text encoder).
+            *(tensors.get(name) for name in TOKEN_FIELDS),
         )
+
+    @property
+    def has_tokens(self) -> bool:
+        return all(getattr(self, name) is not None for name in TOKEN_FIELDS)
 
 
 def fingerprint(
@@ -134,7 +150,7 @@ def encode_clips(
     encodes each whole frame as its slot instead of the cut-out subject."""
     scales = cache_scales(pipeline)
     size = (resolution, resolution)
-    latents, texts, slot_embeds = [], [], []
+    latents, texts, slot_embeds, input_ids, attention_masks = [], [], [], [], []
     slot_pyramid: list[list[torch.Tensor]] = []
     for index in tqdm(range(num_samples), desc="caching latents", disable=not progress):
         sample = dataset[index]
@@ -144,6 +160,9 @@ def encode_clips(
         num_frames = frames.shape[0]
         latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
         texts.append(pipeline.encode_prompt([sample["caption"]], pipeline.device)[0].to(CACHE_DTYPE))
+        ids, mask = pipeline.tokenize_prompt([sample["caption"]])
+        input_ids.append(ids[0])
+        attention_masks.append(mask[0])
         slots = frames if subject_image == "whole" else cut_out(frames, masks)  # (F, 3, H, W)
         embeds, pyramid = pipeline.encode_subject_slots(slots, torch.ones(num_frames, dtype=torch.bool), size, scales)
         slot_embeds.append(embeds[0].to(CACHE_DTYPE))  # (F, n, d)
@@ -154,6 +173,7 @@ def encode_clips(
     empty = empty_slots(1, *size)
     empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size, scales)
     empty_text = pipeline.encode_prompt([""], pipeline.device)[0]
+    empty_ids, empty_mask = pipeline.tokenize_prompt([""])
     return EncodedClips(
         latents=torch.stack(latents),
         text=torch.stack(texts),
@@ -163,4 +183,8 @@ def encode_clips(
         empty_embeds=empty_embeds[0, 0].to(CACHE_DTYPE),
         empty_pyramid=[level[0, :, 0].to(CACHE_DTYPE) for level in empty_pyramid],
         fingerprint=fingerprint_value,
+        input_ids=torch.stack(input_ids),
+        attention_mask=torch.stack(attention_masks),
+        empty_ids=empty_ids[0],
+        empty_attention_mask=empty_mask[0],
     )

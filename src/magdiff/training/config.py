@@ -58,6 +58,13 @@ class TrainConfig:
     """``"magdiff"``: the paper's selection (temporal layers, spatial transformer blocks, ``conv_in``, Resampler,
     HFA; ResNets, time embedding and ``conv_out`` frozen), for a pretrained base. ``"all"``: every parameter, for a
     model trained from scratch, whose random ResNets and time embedding would otherwise stay random."""
+    train_text_encoder: bool = False
+    """Train the text encoder with the U-Net (diffusers' DreamBooth option of the same name). Off for a pretrained
+    CLIP, which the paper keeps frozen; on for the world model, whose text tower starts random: its features then
+    come to name the background colour and the motion instead of leaving the U-Net to untangle them from random ones.
+    The cache stores the captions' token ids and the text features are computed at every step."""
+    text_encoder_learning_rate: float | None = None
+    """Its learning rate with ``train_text_encoder`` (``None``: ``learning_rate``)."""
     ema_decay: float | None = None
     """EMA of the trainable weights (e.g. 0.999); ``None`` disables it. Exported models use the EMA weights."""
     seed: int = 0

@@ -26,11 +26,12 @@ from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MagDiffInputError
 from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
-from ..pipelines.pipeline_magdiff import MagDiffPipeline
+from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from .cache import EncodedClips, encode_clips, fingerprint
 from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -47,6 +48,29 @@ class Batch:
     noise: torch.Tensor  # (b, c, F, h, w)
     timesteps: torch.Tensor  # (b,)
     filled: torch.Tensor  # (b, F) bool
+    input_ids: torch.Tensor | None = None  # (b, n_txt) the (possibly dropped) captions' ids, when the cache has them
+    attention_mask: torch.Tensor | None = None  # (b, n_txt)
+
+
+class UNetWithTextEncoder(nn.Module):
+    """The U-Net and the text encoder as one trained module (``train_text_encoder``), so DDP, the optimiser, EMA and
+    checkpoints treat them together. The text features come from :func:`encode_tokens`, exactly as at inference."""
+
+    def __init__(self, unet: MagDiffUNetModel, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        **kwargs: Any,
+    ) -> Any:
+        text = encode_tokens(self.text_encoder, input_ids, attention_mask)
+        return self.unet(sample, timestep, encoder_hidden_states=text, **kwargs)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -78,6 +102,10 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
     text = clips.text[index].float()
     dropped = torch.rand(batch_size, generator=generator) < config.text_dropout  # CFG: empty prompt
     text[dropped] = clips.empty_text.float()
+    input_ids = attention_mask = None
+    if clips.has_tokens:
+        input_ids, attention_mask = clips.input_ids[index].clone(), clips.attention_mask[index].clone()
+        input_ids[dropped], attention_mask[dropped] = clips.empty_ids, clips.empty_attention_mask
     filled = draw_slot_filling(
         batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
     )
@@ -90,7 +118,7 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
         pyramid.append(level.permute(0, 2, 1, 3, 4))  # (b, c, F, h_s, w_s)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
-    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled)
+    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask)
 
 
 def min_snr_weights(
@@ -147,7 +175,8 @@ def load_or_build_cache(
     subject_image = "whole" if config.subject_image == "whole" else "segmented"
     expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution, subject_image)
     path = cache_dir / f"clips_{expected}.safetensors"
-    if accelerator.is_main_process and not path.is_file():
+    stale = path.is_file() and config.train_text_encoder and not EncodedClips.load(path).has_tokens
+    if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids were stored
         clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress, subject_image)
         clips.save(path)
     accelerator.wait_for_everyone()
@@ -194,11 +223,18 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
 
     # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
     unet: MagDiffUNetModel = pipeline.unet
-    unet.train()
     parameters = configure_trainable_parameters(unet, config.trainable)
-    trainable = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    groups: list[dict[str, Any]] = [{"params": parameters}]
+    trained: nn.Module = unet
+    if config.train_text_encoder:
+        pipeline.text_encoder.requires_grad_(True)
+        text_lr = config.text_encoder_learning_rate or config.learning_rate
+        groups.append({"params": list(pipeline.text_encoder.parameters()), "lr": text_lr})
+        trained = UNetWithTextEncoder(unet, pipeline.text_encoder)
+    trained.train()
+    trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
-        parameters,
+        groups,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
@@ -210,10 +246,10 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     start_step = 0
     if resume is not None:
         checkpoint = resolve_resume(output_dir / "checkpoints", resume)
-        start_step = load_checkpoint(checkpoint, unet, optimizer, lr_scheduler, ema)["step"]
+        start_step = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)["step"]
         if accelerator.is_main_process:
             print(f"resumed from {checkpoint} (step {start_step})")
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    model, optimizer = accelerator.prepare(trained, optimizer)
 
     # 4. The loop
     log_path = output_dir / LOG_FILE
@@ -233,13 +269,17 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         else:
             target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
 
+        if config.train_text_encoder:
+            text_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        else:
+            text_inputs = {"encoder_hidden_states": batch.text}
         with accelerator.autocast():
             prediction = model(
                 noisy,
                 batch.timesteps,
-                encoder_hidden_states=batch.text,
                 subject_embeds=batch.subject_embeds,
                 subject_latents=batch.subject_latents,
+                **text_inputs,
             ).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3, 4))  # (b,)
         if config.snr_gamma is not None:
@@ -284,15 +324,15 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 )
             accelerator.wait_for_everyone()
         if done % config.validate_every == 0 and accelerator.is_main_process:
-            validate(pipeline, ema, config, done, output_dir)
-            unet.train()
+            validate(pipeline, trained, ema, config, done, output_dir)
+            trained.train()
     bar.close()
-    check_replicas_agree(accelerator, unet, log_path)
+    check_replicas_agree(accelerator, trained, log_path)
 
     # 5. Export the pipeline (EMA weights when EMA is on)
     export_dir = output_dir / "model"
     if accelerator.is_main_process:
-        export_pipeline(pipeline, ema, export_dir)
+        export_pipeline(pipeline, trained, ema, export_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
@@ -318,42 +358,51 @@ def check_replicas_agree(accelerator: Accelerator, unet: torch.nn.Module, log_pa
     return checksums
 
 
-def _with_ema(pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None) -> dict[str, torch.Tensor] | None:
-    """Swap the EMA weights in; returns the raw weights to restore."""
+def _with_ema(trained: nn.Module, ema: ExponentialMovingAverage | None) -> dict[str, torch.Tensor] | None:
+    """Swap the EMA weights into the trained module (the pipeline's U-Net, and text encoder when it trains);
+    returns the raw weights to restore."""
     if ema is None:
         return None
-    raw = {name: p.detach().clone() for name, p in pipeline.unet.named_parameters() if name in ema.shadow}
-    ema.copy_to(pipeline.unet)
+    raw = {name: p.detach().clone() for name, p in trained.named_parameters() if name in ema.shadow}
+    ema.copy_to(trained)
     return raw
 
 
-def _restore(pipeline: MagDiffPipeline, raw: dict[str, torch.Tensor] | None) -> None:
+def _restore(trained: nn.Module, raw: dict[str, torch.Tensor] | None) -> None:
     if raw is None:
         return
     with torch.no_grad():
-        parameters = dict(pipeline.unet.named_parameters())
+        parameters = dict(trained.named_parameters())
         for name, value in raw.items():
             parameters[name].copy_(value)
 
 
-def export_pipeline(pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None, directory: Path) -> Path:
+def export_pipeline(
+    pipeline: MagDiffPipeline, trained: nn.Module, ema: ExponentialMovingAverage | None, directory: Path
+) -> Path:
+    """Save the pipeline with the trained weights (the EMA ones when EMA is on); ``trained`` is part of it."""
     from ..pipelines.assembly import save_pipeline_atomically
 
-    raw = _with_ema(pipeline, ema)
+    raw = _with_ema(trained, ema)
     try:
-        pipeline.unet.eval()
+        trained.eval()
         return save_pipeline_atomically(pipeline, directory)
     finally:
-        _restore(pipeline, raw)
+        _restore(trained, raw)
 
 
 def validate(
-    pipeline: MagDiffPipeline, ema: ExponentialMovingAverage | None, config: TrainConfig, step: int, output_dir: Path
+    pipeline: MagDiffPipeline,
+    trained: nn.Module,
+    ema: ExponentialMovingAverage | None,
+    config: TrainConfig,
+    step: int,
+    output_dir: Path,
 ) -> dict[str, Any]:
     """Generate with the real pipeline on held-out clips; write a GIF and (for the world) the oracle's scores."""
-    raw = _with_ema(pipeline, ema)
+    raw = _with_ema(trained, ema)
     try:
-        pipeline.unet.eval()
+        trained.eval()
         if config.dataset != "world":
             return {}
         from ..evaluation.world_benchmark import evaluate_world
@@ -374,4 +423,4 @@ def validate(
         tqdm.write(f"validation @ {step}: {summary}")
         return results
     finally:
-        _restore(pipeline, raw)
+        _restore(trained, raw)
