@@ -220,3 +220,29 @@ def test_text_encoder_trains_with_the_unet_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(
             encode_tokens(trained.text_encoder, ids, mask), trained.encode_prompt([caption], torch.device("cpu"))
         )
+
+
+def test_timestep_bias_draws_the_noisiest_steps_more_often():
+    from magdiff.training.cache import EncodedClips
+    from magdiff.training.trainer import make_batch, timestep_weights
+
+    assert timestep_weights(TrainConfig(), 1000) is None  # uniform
+    later = timestep_weights(TrainConfig(timestep_bias="later", timestep_bias_multiplier=3.0), 1000)
+    assert later is not None and later[750:].sum().item() == pytest.approx(0.5) and later[0] < later[-1]
+    earlier = timestep_weights(TrainConfig(timestep_bias="earlier", timestep_bias_multiplier=3.0), 1000)
+    assert earlier is not None and earlier[:250].sum().item() == pytest.approx(0.5)
+    clips = EncodedClips(
+        latents=torch.zeros(2, 4, 2, 4, 4),
+        text=torch.zeros(2, 3, 8),
+        slot_embeds=torch.zeros(2, 2, 5, 8),
+        slot_pyramid=[torch.zeros(2, 2, 4, 4, 4)],
+        empty_text=torch.zeros(3, 8),
+        empty_embeds=torch.zeros(5, 8),
+        empty_pyramid=[torch.zeros(4, 4, 4)],
+        fingerprint="test",
+    )
+    config = TrainConfig(timestep_bias="later", timestep_bias_multiplier=3.0, batch_size=20000)
+    draws = make_batch(clips, config, torch.Generator().manual_seed(0), 1000).timesteps
+    assert abs((draws >= 750).float().mean().item() - 0.5) < 0.02
+    with pytest.raises(MagDiffInputError, match="timestep_bias must be"):
+        config_from_dict({"timestep_bias": "middle"})

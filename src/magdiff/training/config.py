@@ -19,6 +19,8 @@ import yaml
 
 from ..errors import MagDiffInputError
 
+TIMESTEP_BIASES = ("none", "later", "earlier")
+
 
 @dataclass
 class TrainConfig:
@@ -52,6 +54,12 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
     """Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``), e.g. 5.0; ``None`` = plain MSE."""
+    timestep_bias: str = "none"
+    """Draw training timesteps non-uniformly (as diffusers' SDXL script's ``--timestep_bias_strategy``): ``"later"``
+    makes the noisiest ``timestep_bias_portion`` of timesteps ``timestep_bias_multiplier`` times as likely,
+    ``"earlier"`` the least noisy ones, ``"none"`` keeps the uniform draw."""
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
     mixed_precision: str = "no"
     """``"no"`` or ``"bf16"`` (autocast; about 1.5x faster on recent CPUs)."""
     trainable: str = "magdiff"
@@ -111,6 +119,9 @@ class TrainConfig:
             ),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
+            (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
+            (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
+            (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1) or null"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),

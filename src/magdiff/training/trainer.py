@@ -93,6 +93,17 @@ def draw_slot_filling(
     return filled
 
 
+def timestep_weights(config: TrainConfig, num_train_timesteps: int) -> torch.Tensor | None:
+    """Relative probabilities of the training timesteps under ``config.timestep_bias`` (``None``: uniform)."""
+    if config.timestep_bias == "none" or config.timestep_bias_multiplier == 1.0:
+        return None
+    weights = torch.ones(num_train_timesteps)
+    portion = max(1, round(config.timestep_bias_portion * num_train_timesteps))
+    biased = slice(num_train_timesteps - portion, None) if config.timestep_bias == "later" else slice(0, portion)
+    weights[biased] *= config.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
 def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int) -> Batch:
     """Assemble one training batch from the cache (indices, slots, text dropout, noise, timesteps)."""
     batch_size = config.batch_size
@@ -117,7 +128,11 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
         level = torch.where(filled[:, :, None, None, None], slot_level[index].float(), empty_level.float())
         pyramid.append(level.permute(0, 2, 1, 3, 4))  # (b, c, F, h_s, w_s)
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    weights = timestep_weights(config, num_train_timesteps)
+    if weights is None:
+        timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    else:
+        timesteps = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
     return Batch(latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask)
 
 

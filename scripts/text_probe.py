@@ -1,0 +1,63 @@
+"""Does a world model read its prompt? The denoising loss on held-out clips with the right caption, an empty one and
+another clip's caption, at a few noise levels.
+
+At the highest noise (zero terminal SNR: x_t is pure noise at t = 999) the clean clip can only come from the
+conditions, and the world's background colour alone explains ~83% of the latent variance, so a model that reads the
+text has a clearly lower loss with the right caption than with an empty or a wrong one. "colour part" is the share of
+the right-caption error that is a per-clip, per-channel constant (a wrong background colour).
+
+    python scripts/text_probe.py                         # the packaged default model
+    python scripts/text_probe.py --model runs/world/model --clips 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from magdiff.data.world import EVAL_SEED_OFFSET, WorldConfig, WorldDataset
+from magdiff.pipelines import MagDiffPipeline
+from magdiff.world_model import ASSETS
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ASSETS / "default_model"))
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 960, 900, 700, 400])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    pipeline = MagDiffPipeline.from_pretrained(args.model, use_safetensors=True)
+    scheduler = pipeline.scheduler
+    dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig(num_frames=args.frames))
+    samples = [dataset[i] for i in range(args.clips)]
+    clean = torch.stack([pipeline._vae_mean_latents(s["frames"]).permute(1, 0, 2, 3) for s in samples])
+    captions = pipeline.encode_prompt([s["caption"] for s in samples], pipeline.device)
+    prompts = {
+        "right caption": captions,
+        "empty caption": pipeline.encode_prompt([""], pipeline.device).expand_as(captions),
+        "other clip's caption": captions.roll(1, dims=0),
+    }
+    generator = torch.Generator().manual_seed(args.seed)
+    print(f"{args.model}: {args.clips} held-out clips, v-prediction MSE (lower is better)")
+    print(f"{'t':>5} " + " ".join(f"{name:>21}" for name in prompts) + f" {'colour part':>12}")
+    for t in args.timesteps:
+        timesteps = torch.full((args.clips,), t)
+        noise = torch.randn(clean.shape, generator=generator)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = scheduler.get_velocity(clean, noise, timesteps)
+        losses, colour_share = [], 0.0
+        for name, text in prompts.items():
+            error = pipeline.unet(noisy, timesteps, encoder_hidden_states=text).sample - target
+            losses.append(error.pow(2).mean().item())
+            if name == "right caption":
+                colour_share = error.mean(dim=(2, 3, 4)).pow(2).mean().item() / max(losses[-1], 1e-12)
+        print(f"{t:>5} " + " ".join(f"{loss:>21.4f}" for loss in losses) + f" {colour_share:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
