@@ -8,17 +8,32 @@ the right-caption error that is a per-clip, per-channel constant (a wrong backgr
 
     python scripts/text_probe.py                         # the packaged default model
     python scripts/text_probe.py --model runs/world/model --clips 32
+    python scripts/text_probe.py --model BASE --checkpoint runs/world/checkpoints/step_000500 [--ema]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from magdiff.data.world import EVAL_SEED_OFFSET, WorldConfig, WorldDataset
 from magdiff.pipelines import MagDiffPipeline
+from magdiff.training.trainer import UNetWithTextEncoder
 from magdiff.world_model import ASSETS
+
+
+def load_training_weights(pipeline: MagDiffPipeline, checkpoint: Path, ema: bool) -> None:
+    """Load a checkpoint's weights (``unet.*`` and ``text_encoder.*`` when the text encoder trained) in place."""
+    state = load_file(str(checkpoint / "unet.safetensors"))
+    if ema:
+        state.update(load_file(str(checkpoint / "ema.safetensors")))
+    module = UNetWithTextEncoder(pipeline.unet, pipeline.text_encoder) if "unet.conv_in.weight" in state else None
+    missing, unexpected = (module or pipeline.unet).load_state_dict(state, strict=False)
+    if unexpected or (module is None and missing):
+        raise SystemExit(f"{checkpoint} does not match {type(pipeline.unet).__name__}: {unexpected[:3]} {missing[:3]}")
 
 
 @torch.no_grad()
@@ -29,9 +44,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--timesteps", type=int, nargs="+", default=[999, 960, 900, 700, 400])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None, help="a training checkpoint folder to load into --model")
+    parser.add_argument("--ema", action="store_true", help="with --checkpoint: its EMA weights")
     args = parser.parse_args()
 
     pipeline = MagDiffPipeline.from_pretrained(args.model, use_safetensors=True)
+    if args.checkpoint is not None:
+        load_training_weights(pipeline, Path(args.checkpoint), args.ema)
     scheduler = pipeline.scheduler
     dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig(num_frames=args.frames))
     samples = [dataset[i] for i in range(args.clips)]
