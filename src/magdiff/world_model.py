@@ -1,8 +1,8 @@
 """The small MagDiff of the synthetic world (the default model's architecture).
 
 Components, all small enough to ship in the package:
-- tokenizer: an offline CLIP tokenizer whose vocabulary spells the world words (37 of 39 as one token; other words
-  still tokenise, as pieces);
+- tokenizer: an offline CLIP tokenizer whose vocabulary spells every world word as one token (other words still
+  tokenise, as pieces);
 - text encoder and image encoder: small CLIP towers, randomly initialised from a fixed seed and kept frozen, as the
   paper keeps its encoders frozen (random features of a frozen network still separate words and images; the
   trainable Resampler and cross-attention learn to read them);
