@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from functools import lru_cache
+from itertools import pairwise
 
 from transformers import CLIPTokenizer
 
@@ -57,7 +58,7 @@ def learn_merges(pieces: Iterable[str]) -> list[tuple[str, str]]:
     while True:
         counts: Counter[tuple[str, str]] = Counter()
         for symbols in words:
-            counts.update(zip(symbols, symbols[1:]))
+            counts.update(pairwise(symbols))
         if not counts:
             return merges
         best = min(counts, key=lambda pair: (-counts[pair], pair))  # most frequent; ties in a fixed order
