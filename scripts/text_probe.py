@@ -3,8 +3,10 @@ another clip's caption, at a few noise levels.
 
 At the highest noise (zero terminal SNR: x_t is pure noise at t = 999) the clean clip can only come from the
 conditions, and the world's background colour alone explains ~83% of the latent variance, so a model that reads the
-text has a clearly lower loss with the right caption than with an empty or a wrong one. "colour part" is the share of
-the right-caption error that is a per-clip, per-channel constant (a wrong background colour).
+text has a clearly lower loss with the right caption than with an empty or a wrong one. "other motion" changes only
+the motion word (moving left -> right -> up -> down -> staying still -> left): it matters at middle noise levels, where
+the subject's path is decided. "colour part" is the share of the right-caption error that is a per-clip, per-channel
+constant (a wrong background colour).
 
     python scripts/text_probe.py                         # the packaged default model
     python scripts/text_probe.py --model runs/world/model --clips 32
@@ -19,10 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from magdiff.data.world import EVAL_SEED_OFFSET, WorldConfig, WorldDataset
+from magdiff.data.world import EVAL_SEED_OFFSET, MOTIONS, WorldConfig, WorldDataset, caption_for
 from magdiff.pipelines import MagDiffPipeline
 from magdiff.training.trainer import UNetWithTextEncoder
 from magdiff.world_model import ASSETS
+
+
+def _other_motion(sample: dict) -> str:
+    """The motion after the clip's own in ``MOTIONS`` (the same caption but for that word)."""
+    return MOTIONS[(MOTIONS.index(sample["meta"]["motion"]) + 1) % len(MOTIONS)]
 
 
 def load_training_weights(pipeline: MagDiffPipeline, checkpoint: Path, ema: bool) -> None:
@@ -55,15 +62,19 @@ def main() -> None:
     dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig(num_frames=args.frames))
     samples = [dataset[i] for i in range(args.clips)]
     clean = torch.stack([pipeline._vae_mean_latents(s["frames"]).permute(1, 0, 2, 3) for s in samples])
-    captions = pipeline.encode_prompt([s["caption"] for s in samples], pipeline.device)
+    device = pipeline.device
+    captions = pipeline.encode_prompt([s["caption"] for s in samples], device)
     prompts = {
         "right caption": captions,
-        "empty caption": pipeline.encode_prompt([""], pipeline.device).expand_as(captions),
+        "empty caption": pipeline.encode_prompt([""], device).expand_as(captions),
         "other clip's caption": captions.roll(1, dims=0),
+        "other motion": pipeline.encode_prompt(
+            [caption_for(s["meta"], motion=_other_motion(s)) for s in samples], "cpu"
+        ),
     }
     generator = torch.Generator().manual_seed(args.seed)
     print(f"{args.model}: {args.clips} held-out clips, v-prediction MSE (lower is better)")
-    print(f"{'t':>5} " + " ".join(f"{name:>21}" for name in prompts) + f" {'colour part':>12}")
+    print(f"{'t':>5} " + " ".join(f"{name:>20}" for name in prompts) + f" {'colour part':>12}")
     for t in args.timesteps:
         timesteps = torch.full((args.clips,), t)
         noise = torch.randn(clean.shape, generator=generator)
@@ -75,7 +86,7 @@ def main() -> None:
             losses.append(error.pow(2).mean().item())
             if name == "right caption":
                 colour_share = error.mean(dim=(2, 3, 4)).pow(2).mean().item() / max(losses[-1], 1e-12)
-        print(f"{t:>5} " + " ".join(f"{loss:>21.4f}" for loss in losses) + f" {colour_share:>12.2f}")
+        print(f"{t:>5} " + " ".join(f"{loss:>20.4f}" for loss in losses) + f" {colour_share:>12.2f}")
 
 
 if __name__ == "__main__":
