@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..pipelines.pipeline_magdiff import MagDiffPipeline
+from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from ..sda import cut_out, empty_slots
 
 CACHE_DTYPE = torch.float16
@@ -106,6 +106,12 @@ class EncodedClips:
     def has_tokens(self) -> bool:
         return all(getattr(self, name) is not None for name in TOKEN_FIELDS)
 
+    @staticmethod
+    def file_has_tokens(path: str | Path) -> bool:
+        """Whether the cache at ``path`` stores token ids (reads only its header)."""
+        with safe_open(str(path), framework="pt") as handle:
+            return set(TOKEN_FIELDS) <= set(handle.keys())
+
 
 def fingerprint(
     pipeline: MagDiffPipeline,
@@ -159,8 +165,9 @@ def encode_clips(
             raise ValueError(f"Clip {index} is {tuple(frames.shape[-2:])}, the config asks for {size}.")
         num_frames = frames.shape[0]
         latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
-        texts.append(pipeline.encode_prompt([sample["caption"]], pipeline.device)[0].to(CACHE_DTYPE))
         ids, mask = pipeline.tokenize_prompt([sample["caption"]])
+        text = encode_tokens(pipeline.text_encoder, ids.to(pipeline.device), mask.to(pipeline.device))
+        texts.append(text[0].to(CACHE_DTYPE))
         input_ids.append(ids[0])
         attention_masks.append(mask[0])
         slots = frames if subject_image == "whole" else cut_out(frames, masks)  # (F, 3, H, W)

@@ -190,7 +190,7 @@ def load_or_build_cache(
     subject_image = "whole" if config.subject_image == "whole" else "segmented"
     expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution, subject_image)
     path = cache_dir / f"clips_{expected}.safetensors"
-    stale = path.is_file() and config.train_text_encoder and not EncodedClips.load(path).has_tokens
+    stale = path.is_file() and config.train_text_encoder and not EncodedClips.file_has_tokens(path)
     if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids were stored
         clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress, subject_image)
         clips.save(path)
