@@ -246,3 +246,45 @@ def test_timestep_bias_draws_the_noisiest_steps_more_often():
     assert abs((draws >= 750).float().mean().item() - 0.5) < 0.02
     with pytest.raises(MagDiffInputError, match="timestep_bias must be"):
         config_from_dict({"timestep_bias": "middle"})
+
+
+def test_subject_weighted_loss(tmp_path):
+    from magdiff.training.cache import EncodedClips
+    from magdiff.training.trainer import clip_losses
+
+    # The weighted mean: with the error all inside the subject, weight w scales the loss by (1 + w) over the mean
+    # weight; with weight 0 it is the plain MSE.
+    prediction, target = torch.zeros(2, 4, 2, 4, 4), torch.zeros(2, 4, 2, 4, 4)
+    masks = torch.zeros(2, 1, 2, 4, 4)
+    masks[:, :, :, :2, :2] = 1.0  # 8 of 32 latent pixels per channel
+    prediction[:, :, :, :2, :2] = 1.0
+    plain = clip_losses(prediction, target, masks, 0.0)
+    torch.testing.assert_close(plain, torch.full((2,), 0.25))
+    weighted = clip_losses(prediction, target, masks, 3.0)
+    torch.testing.assert_close(weighted, torch.full((2,), 4 * 8 / (4 * 8 + 24)))
+    prediction.zero_()
+    prediction[:, :, :, 3, 3] = 1.0  # the error outside the subject now counts less than in the plain mean
+    assert (clip_losses(prediction, target, masks, 3.0) < clip_losses(prediction, target, masks, 0.0)).all()
+    with pytest.raises(MagDiffInputError, match="subject masks"):
+        clip_losses(prediction, target, None, 1.0)
+    with pytest.raises(MagDiffInputError, match="subject_loss_weight must be"):
+        config_from_dict({"subject_loss_weight": -1.0})
+
+    # The cache holds each frame's mask at the latent resolution (a latent pixel is subject when any pixel is), a
+    # cache without them is rebuilt when the loss asks for them, and a run trains with it.
+    config = _config(tmp_path, "weighted", max_steps=1, subject_loss_weight=4.0)
+    train(_config(tmp_path, "plain", max_steps=1), progress=False)
+    (cache_path,) = (tmp_path / "cache").glob("clips_*.safetensors")
+    clips = EncodedClips.load(cache_path)
+    dataclasses.replace(clips, subject_masks=None).save(cache_path)
+    assert not EncodedClips.file_has(cache_path, ("subject_masks",))
+    train(config, progress=False)
+    clips = EncodedClips.load(cache_path)
+    assert clips.subject_masks is not None
+    sample = training_dataset(config)[0]
+    factor = sample["frames"].shape[-1] // clips.latents.shape[-1]
+    expected = torch.nn.functional.max_pool2d(sample["masks"].float(), factor)[:, 0]
+    assert clips.subject_masks.shape == (len(clips), config.num_frames, *clips.latents.shape[-2:])
+    assert torch.equal(clips.subject_masks[0].float(), expected) and 0 < expected.mean() < 0.5
+    log = [json.loads(line) for line in (tmp_path / "weighted" / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)

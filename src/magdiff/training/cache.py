@@ -8,6 +8,9 @@ generation setting (slot 0), the editing setting (all slots) and random subsets.
 The pyramid is always encoded at three scales (the U-Net's own with ``hfa="pyramid"``), so models with HFA off,
 single-scale or pyramid share one cache; ``subject_image="whole"`` (the ablation's uncut subject) encodes the whole
 frames instead of the cut-outs and is a cache of its own.
+
+Each clip's subject masks are stored at the latent resolution too (a latent pixel counts as subject when any of its
+pixels does), for the subject-weighted loss (``subject_loss_weight``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
@@ -57,6 +61,7 @@ class EncodedClips:
     attention_mask: torch.Tensor | None = None  # (N, n_txt)
     empty_ids: torch.Tensor | None = None  # (n_txt,) the empty prompt's ids
     empty_attention_mask: torch.Tensor | None = None  # (n_txt,)
+    subject_masks: torch.Tensor | None = None  # (N, F, h, w) 1 where a latent pixel covers the subject
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -69,7 +74,7 @@ class EncodedClips:
             "empty_text": self.empty_text,
             "empty_embeds": self.empty_embeds,
         }
-        for name in TOKEN_FIELDS:
+        for name in (*TOKEN_FIELDS, "subject_masks"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
         for index, (slot, empty) in enumerate(zip(self.slot_pyramid, self.empty_pyramid)):
@@ -98,8 +103,10 @@ class EncodedClips:
             tensors["empty_embeds"],
             [tensors[f"empty_pyramid.{i}"] for i in scales],
             fingerprint,
-            # Caches written before token ids were stored have none (they cannot train the text encoder).
+            # Caches written before token ids (masks) were stored have none: they cannot train the text encoder
+            # (weight the loss by the subject).
             *(tensors.get(name) for name in TOKEN_FIELDS),
+            tensors.get("subject_masks"),
         )
 
     @property
@@ -107,10 +114,15 @@ class EncodedClips:
         return all(getattr(self, name) is not None for name in TOKEN_FIELDS)
 
     @staticmethod
+    def file_has(path: str | Path, fields: tuple[str, ...]) -> bool:
+        """Whether the cache at ``path`` stores all of ``fields`` (reads only its header)."""
+        with safe_open(str(path), framework="pt") as handle:
+            return set(fields) <= set(handle.keys())
+
+    @staticmethod
     def file_has_tokens(path: str | Path) -> bool:
         """Whether the cache at ``path`` stores token ids (reads only its header)."""
-        with safe_open(str(path), framework="pt") as handle:
-            return set(TOKEN_FIELDS) <= set(handle.keys())
+        return EncodedClips.file_has(path, TOKEN_FIELDS)
 
 
 def fingerprint(
@@ -156,7 +168,7 @@ def encode_clips(
     encodes each whole frame as its slot instead of the cut-out subject."""
     scales = cache_scales(pipeline)
     size = (resolution, resolution)
-    latents, texts, slot_embeds, input_ids, attention_masks = [], [], [], [], []
+    latents, texts, slot_embeds, input_ids, attention_masks, subject_masks = [], [], [], [], [], []
     slot_pyramid: list[list[torch.Tensor]] = []
     for index in tqdm(range(num_samples), desc="caching latents", disable=not progress):
         sample = dataset[index]
@@ -165,6 +177,8 @@ def encode_clips(
             raise ValueError(f"Clip {index} is {tuple(frames.shape[-2:])}, the config asks for {size}.")
         num_frames = frames.shape[0]
         latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
+        latent_size = latents[-1].shape[-2:]
+        subject_masks.append(F.adaptive_max_pool2d(masks.float(), latent_size)[:, 0].to(CACHE_DTYPE))  # (F, h, w)
         ids, mask = pipeline.tokenize_prompt([sample["caption"]])
         text = encode_tokens(pipeline.text_encoder, ids.to(pipeline.device), mask.to(pipeline.device))
         texts.append(text[0].to(CACHE_DTYPE))
@@ -194,4 +208,5 @@ def encode_clips(
         attention_mask=torch.stack(attention_masks),
         empty_ids=empty_ids[0],
         empty_attention_mask=empty_mask[0],
+        subject_masks=torch.stack(subject_masks),
     )

@@ -54,6 +54,9 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
     """Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``), e.g. 5.0; ``None`` = plain MSE."""
+    subject_loss_weight: float = 0.0
+    """Extra loss weight on the latent pixels the subject covers (its masks are cached): each such pixel counts
+    ``1 + subject_loss_weight`` times, and each clip's loss is the weighted mean. ``0`` is the plain mean."""
     timestep_bias: str = "none"
     """Draw training timesteps non-uniformly (as diffusers' SDXL script's ``--timestep_bias_strategy``): ``"later"``
     makes the noisiest ``timestep_bias_portion`` of timesteps ``timestep_bias_multiplier`` times as likely,
@@ -119,6 +122,7 @@ class TrainConfig:
             ),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
+            (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

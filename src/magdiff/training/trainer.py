@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..errors import MagDiffInputError
 from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
-from .cache import EncodedClips, encode_clips, fingerprint
+from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
 from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
 
@@ -50,6 +50,7 @@ class Batch:
     filled: torch.Tensor  # (b, F) bool
     input_ids: torch.Tensor | None = None  # (b, n_txt) the (possibly dropped) captions' ids, when the cache has them
     attention_mask: torch.Tensor | None = None  # (b, n_txt)
+    subject_masks: torch.Tensor | None = None  # (b, 1, F, h, w) when the cache has them
 
 
 class UNetWithTextEncoder(nn.Module):
@@ -133,7 +134,22 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
         timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     else:
         timesteps = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask)
+    subject_masks = None if clips.subject_masks is None else clips.subject_masks[index].float()[:, None]
+    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask, subject_masks)
+
+
+def clip_losses(
+    prediction: torch.Tensor, target: torch.Tensor, subject_masks: torch.Tensor | None, subject_weight: float
+) -> torch.Tensor:
+    """Per-clip MSE, (b,). With ``subject_weight`` > 0 the latent pixels in ``subject_masks`` (b, 1, F, h, w) count
+    ``1 + subject_weight`` times and each clip's loss is the weighted mean (so its scale stays that of the MSE)."""
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # (b, c, F, h, w)
+    if subject_weight == 0:
+        return error.mean(dim=(1, 2, 3, 4))
+    if subject_masks is None:
+        raise MagDiffInputError("subject_loss_weight needs a cache with subject masks; delete the cache to rebuild it.")
+    weights = (1.0 + subject_weight * subject_masks).expand_as(error)
+    return (error * weights).sum(dim=(1, 2, 3, 4)) / weights.sum(dim=(1, 2, 3, 4))
 
 
 def min_snr_weights(
@@ -190,8 +206,11 @@ def load_or_build_cache(
     subject_image = "whole" if config.subject_image == "whole" else "segmented"
     expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution, subject_image)
     path = cache_dir / f"clips_{expected}.safetensors"
-    stale = path.is_file() and config.train_text_encoder and not EncodedClips.file_has_tokens(path)
-    if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids were stored
+    needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
+        ("subject_masks",) if config.subject_loss_weight > 0 else ()
+    )
+    stale = path.is_file() and not EncodedClips.file_has(path, needed)
+    if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids/masks were stored
         clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress, subject_image)
         clips.save(path)
     accelerator.wait_for_everyone()
@@ -296,7 +315,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 subject_latents=batch.subject_latents,
                 **text_inputs,
             ).sample
-        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3, 4))  # (b,)
+        loss = clip_losses(prediction, target, batch.subject_masks, config.subject_loss_weight)  # (b,)
         if config.snr_gamma is not None:
             loss = loss * min_snr_weights(noise_scheduler, batch.timesteps, config.snr_gamma, config.prediction_type)
         loss = loss.mean()
