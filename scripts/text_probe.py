@@ -8,9 +8,14 @@ the motion word (moving left -> right -> up -> down -> staying still -> left): i
 the subject's path is decided. "colour part" is the share of the right-caption error that is a per-clip, per-channel
 constant (a wrong background colour).
 
+``--subject first-frame`` fills slot 0 with the first frame's cut-out subject, as generation does: the subject's start
+is then given and the motion word decides where it is in every later frame. "subject part" is the right-caption loss
+inside the subject's (latent-resolution) masks, over the whole loss per pixel.
+
     python scripts/text_probe.py                         # the packaged default model
     python scripts/text_probe.py --model runs/world/model --clips 32
     python scripts/text_probe.py --model BASE --checkpoint runs/world/checkpoints/step_000500 [--ema]
+    python scripts/text_probe.py --subject first-frame
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from magdiff.data.world import EVAL_SEED_OFFSET, MOTIONS, WorldConfig, WorldDataset, caption_for
 from magdiff.pipelines import MagDiffPipeline
+from magdiff.sda import cut_out, empty_slots
 from magdiff.training.trainer import UNetWithTextEncoder
 from magdiff.world_model import ASSETS
 
@@ -53,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="a training checkpoint folder to load into --model")
     parser.add_argument("--ema", action="store_true", help="with --checkpoint: its EMA weights")
+    parser.add_argument("--subject", choices=["none", "first-frame"], default="none", help="what slot 0 holds")
     args = parser.parse_args()
 
     pipeline = MagDiffPipeline.from_pretrained(args.model, use_safetensors=True)
@@ -72,21 +80,43 @@ def main() -> None:
             [caption_for(s["meta"], motion=_other_motion(s)) for s in samples], "cpu"
         ),
     }
+    size = tuple(clean.shape[-2:])
+    masks = torch.stack([F.adaptive_max_pool2d(s["masks"].float(), size)[:, 0] for s in samples])[:, None]
+    subject: dict[str, object] = {}
+    if args.subject == "first-frame":
+        pixels = tuple(samples[0]["frames"].shape[-2:])
+        encoded = []
+        for s in samples:
+            slots = empty_slots(args.frames, *pixels)
+            slots[0] = cut_out(s["frames"][0], s["masks"][0])
+            filled = torch.zeros(args.frames, dtype=torch.bool)
+            filled[0] = True
+            encoded.append(pipeline.encode_subject_slots(slots, filled, pixels))
+        subject = {
+            "subject_embeds": torch.cat([embeds for embeds, _ in encoded]),
+            "subject_latents": [torch.cat(level) for level in zip(*(pyramid for _, pyramid in encoded))],
+        }
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"{args.model}: {args.clips} held-out clips, v-prediction MSE (lower is better)")
-    print(f"{'t':>5} " + " ".join(f"{name:>20}" for name in prompts) + f" {'colour part':>12}")
+    print(f"{args.model}: {args.clips} held-out clips, slot 0: {args.subject}, v-prediction MSE (lower is better)")
+    print(f"{'t':>5} " + " ".join(f"{name:>20}" for name in prompts) + f" {'colour part':>12} {'subject part':>12}")
     for t in args.timesteps:
         timesteps = torch.full((args.clips,), t)
         noise = torch.randn(clean.shape, generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         target = scheduler.get_velocity(clean, noise, timesteps)
-        losses, colour_share = [], 0.0
+        losses, colour_share, subject_share = [], 0.0, 0.0
         for name, text in prompts.items():
-            error = pipeline.unet(noisy, timesteps, encoder_hidden_states=text).sample - target
+            error = pipeline.unet(noisy, timesteps, encoder_hidden_states=text, **subject).sample - target
             losses.append(error.pow(2).mean().item())
             if name == "right caption":
                 colour_share = error.mean(dim=(2, 3, 4)).pow(2).mean().item() / max(losses[-1], 1e-12)
-        print(f"{t:>5} " + " ".join(f"{loss:>20.4f}" for loss in losses) + f" {colour_share:>12.2f}")
+                inside = (error.pow(2) * masks).sum() / (masks.sum() * error.shape[1])
+                subject_share = inside.item() / max(losses[-1], 1e-12)
+        print(
+            f"{t:>5} "
+            + " ".join(f"{loss:>20.4f}" for loss in losses)
+            + f" {colour_share:>12.2f} {subject_share:>12.2f}"
+        )
 
 
 if __name__ == "__main__":
