@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="a training checkpoint folder to load into --model")
     parser.add_argument("--ema", action="store_true", help="with --checkpoint: its EMA weights")
+    parser.add_argument("--split", choices=["held-out", "train"], default="held-out", help="which clips")
     parser.add_argument("--subject", choices=["none", "first-frame"], default="none", help="what slot 0 holds")
     args = parser.parse_args()
 
@@ -67,7 +68,8 @@ def main() -> None:
     if args.checkpoint is not None:
         load_training_weights(pipeline, Path(args.checkpoint), args.ema)
     scheduler = pipeline.scheduler
-    dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig(num_frames=args.frames))
+    offset = EVAL_SEED_OFFSET if args.split == "held-out" else 0
+    dataset = WorldDataset(args.clips, seed_offset=offset, config=WorldConfig(num_frames=args.frames))
     samples = [dataset[i] for i in range(args.clips)]
     clean = torch.stack([pipeline._vae_mean_latents(s["frames"]).permute(1, 0, 2, 3) for s in samples])
     device = pipeline.device
@@ -97,7 +99,7 @@ def main() -> None:
             "subject_latents": [torch.cat(level) for level in zip(*(pyramid for _, pyramid in encoded))],
         }
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"{args.model}: {args.clips} held-out clips, slot 0: {args.subject}, v-prediction MSE (lower is better)")
+    print(f"{args.model}: {args.clips} {args.split} clips, slot 0: {args.subject}, v-prediction MSE (lower is better)")
     print(f"{'t':>5} " + " ".join(f"{name:>20}" for name in prompts) + f" {'colour part':>12} {'subject part':>12}")
     for t in args.timesteps:
         timesteps = torch.full((args.clips,), t)
