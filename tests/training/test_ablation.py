@@ -85,3 +85,47 @@ def test_run_then_report(tmp_path):
     assert "| `down_blocks.0.attentions.0` | 1.400 | 0.900 |" in table
     with pytest.raises(MagDiffInputError, match="No ablation results"):
         report(tmp_path / "empty")
+
+
+def test_variants_share_a_base(tmp_path):
+    from magdiff.models.unet import _NEW_PARAMETER_FRAGMENTS, MagDiffUNetModel
+
+    # A base with MagDiff parts that moved from their initialisation.
+    base_pipeline = build_pipeline(config_from_dict(TINY, get_preset("world-tiny")))
+    with torch.no_grad():
+        for name, parameter in base_pipeline.unet.named_parameters():
+            parameter.add_(0.01 * (hash(name) % 7 + 1))
+    base_pipeline.save_pretrained(tmp_path / "base", safe_serialization=True)
+    base = base_pipeline.unet
+    in_channels = base.config.in_channels
+
+    for apa, hfa in (("fixed", "off"), ("learned", "single"), ("learned", "pyramid")):
+        model = MagDiffUNetModel.from_magdiff_base(base, seed=3, apa=apa, hfa=hfa)
+        assert (model.config.apa, model.config.hfa) == (apa, hfa)
+        again = MagDiffUNetModel.from_magdiff_base(base, seed=3, apa=apa, hfa=hfa).state_dict()
+        base_state = base.state_dict()
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, again[key]), key  # the new parts are seeded
+            if key == "conv_in.weight":
+                assert torch.equal(value[:, :in_channels], base_state[key][:, :in_channels])
+                assert not value[:, in_channels:].any()  # the HFA inputs start at zero
+            elif any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS):
+                assert key not in base_state or not torch.equal(value, base_state[key]), key  # built anew
+            else:
+                assert torch.equal(value, base_state[key]), key  # the base weights
+
+    # The ablation's variants start from that base: the config asks for the new parts, and a run trains.
+    config = variant_config("sda", tmp_path / "ablation", base=tmp_path / "base", **TINY, max_steps=1)
+    assert config.model == str(tmp_path / "base") and config.new_subject_parts
+    pipeline = build_pipeline(config)
+    assert (pipeline.unet.config.apa, pipeline.unet.config.hfa) == ("fixed", "off")
+    assert torch.equal(
+        pipeline.unet.state_dict()["mid_block.resnets.0.conv1.weight"], base.mid_block.resnets[0].conv1.weight
+    )
+    line = commands("sda", tmp_path / "ablation", steps=5, base=tmp_path / "base")[0]
+    assert f"--set model={tmp_path / 'base'} --set new_subject_parts=true" in line
+    with pytest.raises(MagDiffInputError, match="new_subject_parts needs model"):
+        config_from_dict({"new_subject_parts": True})
+    overrides = {**TINY, "warmup_steps": 1, "checkpoint_every": 2, "validate_every": 100, "log_every": 1}
+    record = run("sda", tmp_path / "ablation", 1, 1, 1, progress=False, overrides=overrides, base=tmp_path / "base")
+    assert record["base"] == str(tmp_path / "base") and record["results"]["generation/count"] == 1.0

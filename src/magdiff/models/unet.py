@@ -315,6 +315,32 @@ class MagDiffUNetModel(UNetMotionModel):
             model._load_ip_projections(unet)
         return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)
 
+    @classmethod
+    def from_magdiff_base(cls, base: MagDiffUNetModel, seed: int = 0, **magdiff_kwargs: object) -> MagDiffUNetModel:
+        """A MagDiff U-Net with the base weights of another and its MagDiff parts built anew.
+
+        Every weight a plain ``UNetMotionModel`` has is copied from ``base`` (``conv_in``: its first ``in_channels``
+        inputs); the Resampler, the HFA fusion, the APA image projections and weights are freshly initialised (from
+        ``seed``) for ``magdiff_kwargs`` (e.g. ``apa``, ``hfa``), and ``conv_in``'s HFA inputs start at zero, as in
+        :meth:`from_unet_motion`. The ablation's variants share one base this way.
+        """
+        config = {key: value for key, value in base.config.items() if not key.startswith("_")}
+        config.update(magdiff_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(**config)
+        state = {k: v for k, v in base.state_dict().items() if not any(f in k for f in _NEW_PARAMETER_FRAGMENTS)}
+        in_channels = model.config.in_channels
+        conv_weight = model.conv_in.weight.detach().clone()
+        conv_weight[:, :in_channels] = state["conv_in.weight"][:, :in_channels]
+        conv_weight[:, in_channels:] = 0.0
+        state["conv_in.weight"] = conv_weight
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        unfilled = [key for key in missing if not any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS)]
+        if unexpected or unfilled:
+            raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
+        return model.to(dtype=base.dtype)
+
     def _load_ip_projections(self, unet: UNetMotionModel) -> None:
         """Copy ``to_k_ip`` / ``to_v_ip`` of IP-Adapter processors into the APA processors of the same layers."""
         ip_processors = unet.attn_processors

@@ -65,8 +65,17 @@ REPORTED = (
 )
 
 
-def variant_config(name: str, root: str | Path = "runs/ablation", **overrides: Any) -> TrainConfig:
-    """The ``world`` recipe with the variant's changes; every variant shares one cache folder under ``root``."""
+def base_overrides(base: str | Path | None) -> dict[str, Any]:
+    """Start from ``base`` (a MagDiff pipeline folder) with the MagDiff parts built anew for the variant; ``None``:
+    from scratch."""
+    return {} if base is None else {"model": str(base), "new_subject_parts": True}
+
+
+def variant_config(
+    name: str, root: str | Path = "runs/ablation", base: str | Path | None = None, **overrides: Any
+) -> TrainConfig:
+    """The ``world`` recipe with the variant's changes; every variant shares one cache folder under ``root``.
+    With ``base`` every variant starts from the same base weights (see :func:`base_overrides`)."""
     if name not in VARIANTS:
         raise MagDiffInputError(f"Unknown ablation variant {name!r}; choose from {sorted(VARIANTS)}.")
     root = Path(root)
@@ -75,19 +84,25 @@ def variant_config(name: str, root: str | Path = "runs/ablation", **overrides: A
         "cache_dir": str(root / "cache"),
         "max_steps": DEFAULT_STEPS,
         **VARIANTS[name].overrides,
+        **base_overrides(base),
         **overrides,
     }
     return config_from_dict(values, get_preset("world"))
 
 
 def commands(
-    name: str, root: str | Path = "runs/ablation", steps: int = DEFAULT_STEPS, eval_samples: int = 200
+    name: str,
+    root: str | Path = "runs/ablation",
+    steps: int = DEFAULT_STEPS,
+    eval_samples: int = 200,
+    base: str | Path | None = None,
 ) -> list[str]:
     """The ``magdiff`` commands that reproduce one row (two training processes, then the benchmark)."""
-    config = variant_config(name, root, max_steps=steps)
+    config = variant_config(name, root, base, max_steps=steps)
+    values = {**VARIANTS[name].overrides, **base_overrides(base), "cache_dir": config.cache_dir, "batch_size": 4}
     sets = " ".join(
-        f"--set {key}={shlex.quote(str(value))}"
-        for key, value in {**VARIANTS[name].overrides, "cache_dir": config.cache_dir, "batch_size": 4}.items()
+        f"--set {key}={shlex.quote(str(value).lower() if value is True else str(value))}"
+        for key, value in values.items()
     )
     evaluate = (
         f"magdiff evaluate world --model {config.output_dir}/model --num-samples {eval_samples} "
@@ -110,6 +125,7 @@ def run(
     eval_steps: int = 25,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    base: str | Path | None = None,
 ) -> dict:
     """Train one variant (resuming its latest checkpoint) and run the world benchmark on its EMA export.
 
@@ -119,7 +135,7 @@ def run(
     from ..pipelines.pipeline_magdiff import MagDiffPipeline
     from .trainer import train
 
-    config = variant_config(name, root, **{**(overrides or {}), "max_steps": steps})
+    config = variant_config(name, root, base, **{**(overrides or {}), "max_steps": steps})
     checkpoints = Path(config.output_dir) / "checkpoints"
     resume = "latest" if checkpoints.is_dir() and any(checkpoints.glob("step_*")) else None
     export = train(config, resume=resume, progress=progress)
@@ -141,6 +157,7 @@ def run(
         "description": VARIANTS[name].description,
         "overrides": VARIANTS[name].overrides,
         "max_steps": steps,
+        "base": None if base is None else str(base),
         "num_samples": eval_samples,
         "first_sample": 0,
         "steps": eval_steps,
@@ -194,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (same for every variant)")
     run_parser.add_argument("--eval-samples", type=int, default=200)
     run_parser.add_argument("--eval-steps", type=int, default=25)
+    run_parser.add_argument(
+        "--base", default=None, help="a MagDiff pipeline every variant starts from (MagDiff parts built anew)"
+    )
     run_parser.add_argument("--print-commands", action="store_true", help="print the magdiff commands and stop")
     report_parser = sub.add_parser("report", help="tabulate the variants' benchmark results")
     report_parser.add_argument("--root", default="runs/ablation")
@@ -201,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "run":
         if args.print_commands:
-            print("\n".join(commands(args.variant, args.root, args.steps, args.eval_samples)))
+            print("\n".join(commands(args.variant, args.root, args.steps, args.eval_samples, args.base)))
             return
-        record = run(args.variant, args.root, args.steps, args.eval_samples, args.eval_steps)
+        record = run(args.variant, args.root, args.steps, args.eval_samples, args.eval_steps, base=args.base)
         for key, label in REPORTED:
             if key in record["results"]:
                 print(f"{label:<24} {record['results'][key]:.4f}")

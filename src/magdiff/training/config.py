@@ -28,6 +28,9 @@ class TrainConfig:
     model: str | None = None
     """A MagDiff pipeline folder to start from (``magdiff assemble`` output or an earlier run); ``None`` builds the
     small world model from scratch (see ``magdiff.world_model``)."""
+    new_subject_parts: bool = False
+    """With ``model``: keep its base weights but build the MagDiff parts (Resampler, HFA, APA image path and weights)
+    anew for this config's ``apa`` / ``hfa`` (``MagDiffUNetModel.from_magdiff_base``): the ablation's shared base."""
     dataset: str = "world"
     """``"world"`` (the synthetic benchmark world) or the path of a JSONL/CSV manifest of your own videos."""
     num_frames: int = 8
@@ -123,6 +126,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
+            (not self.new_subject_parts or self.model is not None, "new_subject_parts needs model (the base)"),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

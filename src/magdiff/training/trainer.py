@@ -166,7 +166,12 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
     if config.model is not None:
         if not (Path(config.model) / "model_index.json").is_file():
             raise MagDiffInputError(f"model={config.model} is not a MagDiff pipeline folder (no model_index.json).")
-        return MagDiffPipeline.from_pretrained(config.model, use_safetensors=True)
+        pipeline = MagDiffPipeline.from_pretrained(config.model, use_safetensors=True)
+        if config.new_subject_parts:
+            pipeline.unet = MagDiffUNetModel.from_magdiff_base(
+                pipeline.unet, seed=config.seed, apa=config.apa, hfa=config.hfa
+            )
+        return pipeline
     from ..world_model import world_components, world_unet
 
     components = world_components(config.vae, seed=config.seed)
