@@ -258,6 +258,8 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
+        num_frames=args.num_frames,
+        resolution=args.resolution,
         seed=args.seed,
         tasks=tasks,
         preview_path=args.preview,
@@ -644,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--num-samples", type=int, default=200)
     world.add_argument("--first-sample", type=int, default=0, help="first held-out clip (to split a run in shards)")
     world.add_argument("--steps", type=int, default=25)
+    world.add_argument("--num-frames", type=int, default=8, help="frames of the world clips (the model's own)")
+    world.add_argument("--resolution", type=int, default=64, help="size of the world clips in pixels")
     world.add_argument("--guidance-scale", type=float, default=7.5)
     world.add_argument("--seed", type=int, default=0)
     world.add_argument(

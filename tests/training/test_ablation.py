@@ -127,5 +127,19 @@ def test_variants_share_a_base(tmp_path):
     with pytest.raises(MagDiffInputError, match="new_subject_parts needs model"):
         config_from_dict({"new_subject_parts": True})
     overrides = {**TINY, "warmup_steps": 1, "checkpoint_every": 2, "validate_every": 100, "log_every": 1}
-    record = run("sda", tmp_path / "ablation", 1, 1, 1, progress=False, overrides=overrides, base=tmp_path / "base")
-    assert record["base"] == str(tmp_path / "base") and record["results"]["generation/count"] == 1.0
+    record = run(
+        "sda",
+        tmp_path / "ablation",
+        1,
+        2,
+        1,
+        progress=False,
+        overrides=overrides,
+        base=tmp_path / "base",
+        eval_processes=2,
+    )
+    assert record["base"] == str(tmp_path / "base") and record["results"]["generation/count"] == 2.0
+    # The two benchmark processes scored one clip each, with the variant's frame count.
+    assert sorted({row["index"] for row in record["per_sample"]}) == [0, 1]
+    single = run("sda", tmp_path / "ablation", 1, 2, 1, progress=False, overrides=overrides, base=tmp_path / "base")
+    assert single["per_sample"] == record["per_sample"]

@@ -16,8 +16,13 @@ oracle scores of all variants found and the learned ``a_img``/``a_txt`` per laye
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import shlex
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,10 +131,12 @@ def run(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
     base: str | Path | None = None,
+    eval_processes: int = 1,
 ) -> dict:
     """Train one variant (resuming its latest checkpoint) and run the world benchmark on its EMA export.
 
-    ``overrides`` change the shared recipe (the same for every variant of one study, e.g. a smaller model)."""
+    ``overrides`` change the shared recipe (the same for every variant of one study, e.g. a smaller model);
+    ``eval_processes`` > 1 splits the benchmark's clips between that many ``magdiff evaluate world`` processes."""
     from ..evaluation.world_benchmark import evaluate_world
     from ..media import write_text_atomically
     from ..pipelines.pipeline_magdiff import MagDiffPipeline
@@ -142,16 +149,21 @@ def run(
     pipeline = MagDiffPipeline.from_pretrained(export, use_safetensors=True)
     pipeline.set_progress_bar_config(disable=True)
     per_sample: list[dict] = []
-    results = evaluate_world(
-        pipeline,
-        num_samples=eval_samples,
-        num_inference_steps=eval_steps,
-        num_frames=config.num_frames,
-        resolution=config.resolution,
-        progress=progress,
-        per_sample=per_sample,
-        subject_input=VARIANTS[name].subject_input,
-    )
+    if eval_processes > 1:
+        subject_input = VARIANTS[name].subject_input
+        merged = _evaluate_in_processes(export, eval_samples, eval_steps, subject_input, eval_processes, config)
+        results, per_sample = merged["results"], merged["per_sample"]
+    else:
+        results = evaluate_world(
+            pipeline,
+            num_samples=eval_samples,
+            num_inference_steps=eval_steps,
+            num_frames=config.num_frames,
+            resolution=config.resolution,
+            progress=progress,
+            per_sample=per_sample,
+            subject_input=VARIANTS[name].subject_input,
+        )
     record = {
         "variant": name,
         "description": VARIANTS[name].description,
@@ -169,6 +181,33 @@ def run(
     }
     write_text_atomically(Path(config.output_dir) / "benchmark.json", json.dumps(record, indent=1))
     return record
+
+
+def _evaluate_in_processes(
+    model: Path, num_samples: int, steps: int, subject_input: str, processes: int, config: TrainConfig
+) -> dict[str, Any]:
+    """The world benchmark over clips ``0 .. num_samples - 1`` split between ``processes`` processes, merged."""
+    from ..evaluation.world_benchmark import merge_shards
+
+    bounds = [round(i * num_samples / processes) for i in range(processes + 1)]
+    shards = [(first, end - first) for first, end in itertools.pairwise(bounds) if end > first]
+    with tempfile.TemporaryDirectory() as folder:
+        jobs = []
+        for first, count in shards:
+            out = Path(folder) / f"shard_{first}.json"
+            command = [sys.executable, "-m", "magdiff.cli", "evaluate", "world", "--model", str(model)]
+            command += ["--num-samples", str(count), "--first-sample", str(first), "--steps", str(steps)]
+            command += ["--num-frames", str(config.num_frames), "--resolution", str(config.resolution)]
+            command += ["--subject-input", subject_input, "--out", str(out)]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            jobs.append((out, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        records = []
+        for out, job in jobs:
+            _, error = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(f"Benchmark shard {out.name} failed:\n{error.decode()[-2000:]}")
+            records.append(json.loads(out.read_text()))
+    return merge_shards(records)
 
 
 def report(root: str | Path) -> str:
@@ -211,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (same for every variant)")
     run_parser.add_argument("--eval-samples", type=int, default=200)
     run_parser.add_argument("--eval-steps", type=int, default=25)
+    run_parser.add_argument("--eval-processes", type=int, default=1, help="benchmark processes (clips split)")
     run_parser.add_argument(
         "--base", default=None, help="a MagDiff pipeline every variant starts from (MagDiff parts built anew)"
     )
@@ -223,7 +263,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.print_commands:
             print("\n".join(commands(args.variant, args.root, args.steps, args.eval_samples, args.base)))
             return
-        record = run(args.variant, args.root, args.steps, args.eval_samples, args.eval_steps, base=args.base)
+        record = run(
+            args.variant,
+            args.root,
+            args.steps,
+            args.eval_samples,
+            args.eval_steps,
+            base=args.base,
+            eval_processes=args.eval_processes,
+        )
         for key, label in REPORTED:
             if key in record["results"]:
                 print(f"{label:<24} {record['results'][key]:.4f}")
