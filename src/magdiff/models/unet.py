@@ -339,7 +339,7 @@ class MagDiffUNetModel(UNetMotionModel):
         unfilled = [key for key in missing if not any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS)]
         if unexpected or unfilled:
             raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
-        return model.to(dtype=base.dtype)
+        return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
 
     def _load_ip_projections(self, unet: UNetMotionModel) -> None:
         """Copy ``to_k_ip`` / ``to_v_ip`` of IP-Adapter processors into the APA processors of the same layers."""
