@@ -288,3 +288,16 @@ def test_subject_weighted_loss(tmp_path):
     assert torch.equal(clips.subject_masks[0].float(), expected) and 0 < expected.mean() < 0.5
     log = [json.loads(line) for line in (tmp_path / "weighted" / "train_log.jsonl").read_text().splitlines()]
     assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+
+
+def test_yaml_off_is_the_word_off(tmp_path, capsys):
+    # YAML 1.1 reads `off` as False: `hfa: off` in a file or `--set hfa=off` must still mean the mode "off".
+    (tmp_path / "run.yaml").write_text("preset: world-tiny\nhfa: off\napa: fixed\n")
+    config = load_config(tmp_path / "run.yaml")
+    assert (config.hfa, config.apa) == ("off", "fixed")
+    from magdiff.cli import main
+
+    assert main(["train", "--preset", "world-tiny", "--set", "hfa=on", "--output-dir", str(tmp_path / "x")]) != 0
+    assert "hfa must be 'pyramid', 'single' or 'off'" in capsys.readouterr().err
+    with pytest.raises(MagDiffInputError, match="apa must be"):
+        config_from_dict({"apa": "adaptive"})

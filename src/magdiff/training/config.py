@@ -123,6 +123,8 @@ class TrainConfig:
                 self.subject_image in ("segmented", "whole", "none"),
                 "subject_image must be 'segmented', 'whole' or 'none'",
             ),
+            (self.apa in ("learned", "fixed"), "apa must be 'learned' or 'fixed'"),
+            (self.hfa in ("pyramid", "single", "off"), "hfa must be 'pyramid', 'single' or 'off'"),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
@@ -146,11 +148,19 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _yaml_word(key: str, value: Any) -> Any:
+    """YAML 1.1 reads ``off``/``on`` (and ``no``/``yes``) as booleans; a text option (``hfa: off``) means the word."""
+    if isinstance(value, bool) and _FIELDS[key].type == "str":
+        return "on" if value else "off"
+    return value
+
+
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Override ``base`` (default: the paper's recipe) with ``values``; unknown keys are an error."""
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise MagDiffInputError(f"Unknown training config keys: {unknown}. Known keys: {sorted(_FIELDS)}.")
+    values = {key: _yaml_word(key, value) for key, value in values.items()}
     config = dataclasses.replace(base or TrainConfig(), **values)
     if isinstance(config.unet_channels, list):
         config.unet_channels = tuple(config.unet_channels)
