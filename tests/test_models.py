@@ -268,3 +268,38 @@ def test_unet_save_load_round_trip(tmp_path, base_and_magdiff):
     unet.set_apa_weights(a_img=1.5, a_txt=1.0)
     with torch.no_grad():
         unet.conv_in.weight[:, 4:].zero_()
+
+
+def test_position_embeddings_start_as_the_model_and_tell_frames_and_places_apart(tmp_path, base_and_magdiff):
+    _, unet = base_and_magdiff
+    with_positions = MagDiffUNetModel.from_magdiff_base(unet, new_subject_parts=False, position_embeddings=True).eval()
+    assert with_positions.config.position_embeddings and not unet.config.get("position_embeddings", False)
+    sample, timestep, text, embeds, latents = _inputs()
+    conditions = {"encoder_hidden_states": text, "subject_embeds": embeds, "subject_latents": latents}
+    with torch.no_grad():
+        expected = unet(sample, timestep, **conditions).sample
+        # Zero-initialised: exactly the model it was built from (every other weight is kept).
+        torch.testing.assert_close(with_positions(sample, timestep, **conditions).sample, expected)
+
+        # conv_in's output gains frame f's embedding in frame f and position (y, x)'s at (y, x), for every clip.
+        outputs = []
+        handle = with_positions.conv_in.register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
+        with_positions(sample.repeat(2, 1, 1, 1, 1), timestep, encoder_hidden_states=text.repeat(2, 1, 1))
+        before = outputs.pop()
+        with_positions.frame_position.normal_()
+        with_positions.spatial_position.normal_()
+        with_positions(sample.repeat(2, 1, 1, 1, 1), timestep, encoder_hidden_states=text.repeat(2, 1, 1))
+        handle.remove()
+        added = (outputs.pop() - before).view(2, 4, *before.shape[1:])  # (b, F, C, h, w)
+        spatial, frames = with_positions.spatial_position, with_positions.frame_position
+        wanted = spatial[None] + frames[:4, :, None, None]
+        torch.testing.assert_close(added[0], wanted)
+        torch.testing.assert_close(added[1], wanted)
+        # Other latent sizes read an interpolated spatial embedding.
+        small = _inputs(size=6)
+        assert with_positions(small[0], timestep, encoder_hidden_states=text).sample.shape == small[0].shape
+
+    with_positions.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
+    assert torch.equal(loaded.frame_position, with_positions.frame_position)
+    assert "frame_position" in trainable_parameter_names(loaded)

@@ -301,3 +301,18 @@ def test_yaml_off_is_the_word_off(tmp_path, capsys):
     assert "hfa must be 'pyramid', 'single' or 'off'" in capsys.readouterr().err
     with pytest.raises(MagDiffInputError, match="apa must be"):
         config_from_dict({"apa": "adaptive"})
+
+
+def test_position_embeddings_added_to_a_trained_model(tmp_path):
+    from magdiff.models.unet import MagDiffUNetModel
+
+    plain = train(_config(tmp_path, "plain", max_steps=1), progress=False)
+    assert not MagDiffUNetModel.from_pretrained(plain / "unet").config.position_embeddings
+    config = _config(tmp_path, "positions", max_steps=2, model=str(plain), position_embeddings=True, learning_rate=1e-2)
+    export = train(config, progress=False)
+    unet = MagDiffUNetModel.from_pretrained(export / "unet")
+    assert unet.config.position_embeddings
+    assert unet.frame_position.abs().sum() > 0 and unet.spatial_position.abs().sum() > 0  # trained from zero
+    # A new world model can have them from the start.
+    fresh = train(_config(tmp_path, "fresh", max_steps=1, position_embeddings=True), progress=False)
+    assert MagDiffUNetModel.from_pretrained(fresh / "unet").config.position_embeddings

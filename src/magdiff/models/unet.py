@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import ModelMixin, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
@@ -46,6 +47,9 @@ _NEW_PARAMETER_FRAGMENTS = (
     ".processor.a_img",
     ".processor.a_txt",
 )
+
+# Parameters of the optional position embeddings (absent from a base ``UNetMotionModel``; not MagDiff parts).
+_POSITION_FRAGMENTS = ("frame_position", "spatial_position")
 
 
 @dataclass
@@ -106,6 +110,10 @@ class MagDiffUNetModel(UNetMotionModel):
             the time embedding: a global text path beside cross-attention (not in the paper; SD-based models leave it
             off). The world model uses it: its background colour and motion are clip-wide properties, and a small
             model trained from scratch with frozen random text features learns them far faster with it.
+        position_embeddings: add a learned per-frame and a learned per-position (sample_size, interpolated to other
+            sizes) embedding to the features after ``conv_in``, both zero-initialised, so spatial layers know the
+            frame index and where they are (not in the paper: the world model's motion must turn a word into a
+            displacement that grows with the frame index, which convolutions without positions do poorly).
     """
 
     @register_to_config
@@ -168,6 +176,7 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_heads: int = 12,
         resampler_dim_head: int = 64,
         text_time_conditioning: bool = False,
+        position_embeddings: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
@@ -228,6 +237,13 @@ class MagDiffUNetModel(UNetMotionModel):
             )
             with torch.no_grad():
                 self.conv_in.weight[:, in_channels:].zero_()
+        if position_embeddings:
+            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+            channels = block_out_channels[0]
+            self.frame_position = nn.Parameter(torch.zeros(motion_max_seq_length, channels))
+            self.spatial_position = nn.Parameter(torch.zeros(channels, height, width))
+            self.conv_in.register_forward_hook(self._add_positions)
+        self._frames_in_flight = 1
         self.hfa_fusion = (
             HFAPyramidFusion(in_channels, hfa_hidden_channels, len(hfa_scales)) if hfa == "pyramid" else None
         )
@@ -252,6 +268,15 @@ class MagDiffUNetModel(UNetMotionModel):
                 module.set_processor(
                     APAAttnProcessor(module.to_k.out_features, module.to_k.in_features, a_img, a_txt, learned)
                 )
+
+    def _add_positions(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """``conv_in`` hook: add the frame and spatial position embeddings to its (b*F, C, h, w) output."""
+        num_frames = self._frames_in_flight
+        spatial = self.spatial_position
+        if tuple(spatial.shape[-2:]) != tuple(output.shape[-2:]):
+            spatial = F.interpolate(spatial[None], size=output.shape[-2:], mode="bilinear", align_corners=False)[0]
+        positions = spatial[None] + self.frame_position[:num_frames, :, None, None]  # (F, C, h, w)
+        return output + positions.to(output.dtype).repeat(output.shape[0] // num_frames, 1, 1, 1)
 
     # ------------------------------------------------------------------ construction from public parts
 
@@ -306,7 +331,8 @@ class MagDiffUNetModel(UNetMotionModel):
         missing, unexpected = model.load_state_dict(base_state, strict=False)
         if unexpected:
             raise ValueError(f"Base U-Net weights with no place in MagDiffUNetModel: {unexpected[:5]} ...")
-        unfilled = [key for key in missing if not any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS)]
+        new = _NEW_PARAMETER_FRAGMENTS + _POSITION_FRAGMENTS
+        unfilled = [key for key in missing if not any(fragment in key for fragment in new)]
         if unfilled:
             raise ValueError(f"MagDiffUNetModel weights not filled from the base U-Net: {unfilled[:5]} ...")
 
@@ -316,27 +342,34 @@ class MagDiffUNetModel(UNetMotionModel):
         return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)
 
     @classmethod
-    def from_magdiff_base(cls, base: MagDiffUNetModel, seed: int = 0, **magdiff_kwargs: object) -> MagDiffUNetModel:
-        """A MagDiff U-Net with the base weights of another and its MagDiff parts built anew.
+    def from_magdiff_base(
+        cls, base: MagDiffUNetModel, seed: int = 0, new_subject_parts: bool = True, **config_changes: object
+    ) -> MagDiffUNetModel:
+        """A MagDiff U-Net built from another's config with ``config_changes``, on its weights.
 
-        Every weight a plain ``UNetMotionModel`` has is copied from ``base`` (``conv_in``: its first ``in_channels``
-        inputs); the Resampler, the HFA fusion, the APA image projections and weights are freshly initialised (from
-        ``seed``) for ``magdiff_kwargs`` (e.g. ``apa``, ``hfa``), and ``conv_in``'s HFA inputs start at zero, as in
-        :meth:`from_unet_motion`. The ablation's variants share one base this way.
+        With ``new_subject_parts`` (the ablation's shared base) every weight a plain ``UNetMotionModel`` has is copied
+        (``conv_in``: its first ``in_channels`` inputs) and the MagDiff parts (Resampler, HFA fusion, APA image
+        projections and weights) are freshly initialised from ``seed`` for the changed config (e.g. ``apa``,
+        ``hfa``), ``conv_in``'s HFA inputs at zero, as in :meth:`from_unet_motion`. Without it every weight is kept
+        and only what the base lacks starts fresh (e.g. ``position_embeddings=True``, zero-initialised, so the new
+        model predicts exactly what the base does).
         """
         config = {key: value for key, value in base.config.items() if not key.startswith("_")}
-        config.update(magdiff_kwargs)
+        config.update(config_changes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(**config)
-        state = {k: v for k, v in base.state_dict().items() if not any(f in k for f in _NEW_PARAMETER_FRAGMENTS)}
-        in_channels = model.config.in_channels
-        conv_weight = model.conv_in.weight.detach().clone()
-        conv_weight[:, :in_channels] = state["conv_in.weight"][:, :in_channels]
-        conv_weight[:, in_channels:] = 0.0
-        state["conv_in.weight"] = conv_weight
+        fresh = _NEW_PARAMETER_FRAGMENTS + _POSITION_FRAGMENTS if new_subject_parts else _POSITION_FRAGMENTS
+        state = base.state_dict()
+        if new_subject_parts:
+            state = {k: v for k, v in state.items() if not any(f in k for f in _NEW_PARAMETER_FRAGMENTS)}
+            in_channels = model.config.in_channels
+            conv_weight = model.conv_in.weight.detach().clone()
+            conv_weight[:, :in_channels] = state["conv_in.weight"][:, :in_channels]
+            conv_weight[:, in_channels:] = 0.0
+            state["conv_in.weight"] = conv_weight
         missing, unexpected = model.load_state_dict(state, strict=False)
-        unfilled = [key for key in missing if not any(fragment in key for fragment in _NEW_PARAMETER_FRAGMENTS)]
+        unfilled = [key for key in missing if not any(fragment in key for fragment in fresh)]
         if unexpected or unfilled:
             raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
         return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
@@ -438,6 +471,7 @@ class MagDiffUNetModel(UNetMotionModel):
             Without any subject input the image branch is skipped and the HFA channels get zeros.
         """
         batch_size, _, num_frames, height, width = sample.shape
+        self._frames_in_flight = num_frames  # read by the position-embedding hook on conv_in
         if subject is None and subject_embeds is not None:
             subject = self.encode_subject(subject_embeds, subject_latents, (height, width))
         elif subject is not None and subject_embeds is not None:
@@ -493,7 +527,7 @@ def trainable_parameter_names(unet: MagDiffUNetModel) -> list[str]:
         if (
             "motion_modules." in name
             or ".attentions." in name
-            or name.startswith(("conv_in.", "resampler.", "hfa_fusion."))
+            or name.startswith(("conv_in.", "resampler.", "hfa_fusion.", "frame_position", "spatial_position"))
         ):
             names.append(name)
     return names

@@ -89,6 +89,10 @@ class TrainConfig:
     text_time_conditioning: bool = True
     """Add the mean text token to the time embedding (see ``MagDiffUNetModel``): a global text path for the
     world's clip-wide properties (background colour, motion)."""
+    position_embeddings: bool | None = None
+    """Learned frame and spatial position embeddings after ``conv_in`` (``MagDiffUNetModel``). New models: off
+    unless true. With ``model``: ``None`` keeps the model's; true adds them (zero-initialised, so training starts
+    from exactly the model's predictions) to a model without them."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs

@@ -167,9 +167,16 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         if not (Path(config.model) / "model_index.json").is_file():
             raise MagDiffInputError(f"model={config.model} is not a MagDiff pipeline folder (no model_index.json).")
         pipeline = MagDiffPipeline.from_pretrained(config.model, use_safetensors=True)
+        changes: dict[str, Any] = {}
         if config.new_subject_parts:
+            changes.update(apa=config.apa, hfa=config.hfa)
+        if config.position_embeddings is not None and config.position_embeddings != pipeline.unet.config.get(
+            "position_embeddings", False
+        ):
+            changes["position_embeddings"] = config.position_embeddings
+        if changes:
             pipeline.unet = MagDiffUNetModel.from_magdiff_base(
-                pipeline.unet, seed=config.seed, apa=config.apa, hfa=config.hfa
+                pipeline.unet, seed=config.seed, new_subject_parts=config.new_subject_parts, **changes
             )
         return pipeline
     from ..world_model import world_components, world_unet
@@ -184,6 +191,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         max_frames=max(16, config.num_frames),
         seed=config.seed,
         text_time_conditioning=config.text_time_conditioning,
+        position_embeddings=bool(config.position_embeddings),
     )
     return MagDiffPipeline(unet=unet, **components)
 
