@@ -87,7 +87,7 @@ def test_run_then_report(tmp_path):
         report(tmp_path / "empty")
 
 
-def test_variants_share_a_base(tmp_path):
+def test_variants_share_a_base(tmp_path, monkeypatch):
     from magdiff.models.unet import _NEW_PARAMETER_FRAGMENTS, MagDiffUNetModel
 
     # A base with MagDiff parts that moved from their initialisation.
@@ -127,6 +127,7 @@ def test_variants_share_a_base(tmp_path):
     with pytest.raises(MagDiffInputError, match="new_subject_parts needs model"):
         config_from_dict({"new_subject_parts": True})
     overrides = {**TINY, "warmup_steps": 1, "checkpoint_every": 2, "validate_every": 100, "log_every": 1}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     record = run(
         "sda",
         tmp_path / "ablation",
@@ -141,5 +142,12 @@ def test_variants_share_a_base(tmp_path):
     assert record["base"] == str(tmp_path / "base") and record["results"]["generation/count"] == 2.0
     # The two benchmark processes scored one clip each, with the variant's frame count.
     assert sorted({row["index"] for row in record["per_sample"]}) == [0, 1]
-    single = run("sda", tmp_path / "ablation", 1, 2, 1, progress=False, overrides=overrides, base=tmp_path / "base")
+    # One process gives the same records at the same thread count (the benchmark processes run one thread each;
+    # float sums over a different number of threads differ in the last bits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run("sda", tmp_path / "ablation", 1, 2, 1, progress=False, overrides=overrides, base=tmp_path / "base")
+    finally:
+        torch.set_num_threads(threads)
     assert single["per_sample"] == record["per_sample"]
