@@ -298,7 +298,7 @@ def test_yaml_off_is_the_word_off(tmp_path, capsys):
     from magdiff.cli import main
 
     assert main(["train", "--preset", "world-tiny", "--set", "hfa=on", "--output-dir", str(tmp_path / "x")]) != 0
-    assert "hfa must be 'pyramid', 'single' or 'off'" in capsys.readouterr().err
+    assert "hfa must be one of ('pyramid', 'single', 'off')" in capsys.readouterr().err
     with pytest.raises(MagDiffInputError, match="apa must be"):
         config_from_dict({"apa": "adaptive"})
 

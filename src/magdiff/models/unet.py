@@ -322,12 +322,7 @@ class MagDiffUNetModel(UNetMotionModel):
             for k, v in unet.state_dict().items()
             if not k.startswith("encoder_hid_proj.") and ".processor." not in k
         }
-        in_channels = model.config.in_channels
-        if model.config.hfa != "off":
-            conv_weight = model.conv_in.weight.detach().clone()
-            conv_weight[:, :in_channels] = base_state["conv_in.weight"]
-            conv_weight[:, in_channels:] = 0.0
-            base_state["conv_in.weight"] = conv_weight
+        base_state["conv_in.weight"] = model._conv_in_from_base(base_state["conv_in.weight"])
         missing, unexpected = model.load_state_dict(base_state, strict=False)
         if unexpected:
             raise ValueError(f"Base U-Net weights with no place in MagDiffUNetModel: {unexpected[:5]} ...")
@@ -363,16 +358,20 @@ class MagDiffUNetModel(UNetMotionModel):
         state = base.state_dict()
         if new_subject_parts:
             state = {k: v for k, v in state.items() if not any(f in k for f in _NEW_PARAMETER_FRAGMENTS)}
-            in_channels = model.config.in_channels
-            conv_weight = model.conv_in.weight.detach().clone()
-            conv_weight[:, :in_channels] = state["conv_in.weight"][:, :in_channels]
-            conv_weight[:, in_channels:] = 0.0
-            state["conv_in.weight"] = conv_weight
+            state["conv_in.weight"] = model._conv_in_from_base(state["conv_in.weight"])
         missing, unexpected = model.load_state_dict(state, strict=False)
         unfilled = [key for key in missing if not any(fragment in key for fragment in fresh)]
         if unexpected or unfilled:
             raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
         return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
+
+    def _conv_in_from_base(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """This model's ``conv_in`` weight from a base's: the base's first ``in_channels`` inputs (the noisy latent),
+        the HFA inputs (if any) at zero."""
+        in_channels = self.config.in_channels
+        weight = torch.zeros_like(self.conv_in.weight, dtype=base_weight.dtype)
+        weight[:, :in_channels] = base_weight[:, :in_channels]
+        return weight
 
     def _load_ip_projections(self, unet: UNetMotionModel) -> None:
         """Copy ``to_k_ip`` / ``to_v_ip`` of IP-Adapter processors into the APA processors of the same layers."""

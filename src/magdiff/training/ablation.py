@@ -106,7 +106,7 @@ def commands(
     config = variant_config(name, root, base, max_steps=steps)
     values = {**VARIANTS[name].overrides, **base_overrides(base), "cache_dir": config.cache_dir, "batch_size": 4}
     sets = " ".join(
-        f"--set {key}={shlex.quote(str(value).lower() if value is True else str(value))}"
+        f"--set {key}={shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))}"
         for key, value in values.items()
     )
     evaluate = (

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from ..errors import MagDiffInputError
+from ..models.attention import APA_MODES
+from ..models.hfa import HFA_MODES
 
 TIMESTEP_BIASES = ("none", "later", "earlier")
 
@@ -127,8 +129,8 @@ class TrainConfig:
                 self.subject_image in ("segmented", "whole", "none"),
                 "subject_image must be 'segmented', 'whole' or 'none'",
             ),
-            (self.apa in ("learned", "fixed"), "apa must be 'learned' or 'fixed'"),
-            (self.hfa in ("pyramid", "single", "off"), "hfa must be 'pyramid', 'single' or 'off'"),
+            (self.apa in APA_MODES, f"apa must be one of {APA_MODES}"),
+            (self.hfa in HFA_MODES, f"hfa must be one of {HFA_MODES}"),
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
