@@ -151,3 +151,15 @@ def test_variants_share_a_base(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert single["per_sample"] == record["per_sample"]
+
+
+def test_a_cache_for_a_trained_text_encoder_does_not_depend_on_its_weights():
+    pipeline = build_pipeline(config_from_dict(TINY, get_preset("world-tiny")))
+    before = {tokens: fingerprint(pipeline, "world", 2, 4, 64, text_from_tokens=tokens) for tokens in (False, True)}
+    assert before[False] != before[True]
+    with torch.no_grad():
+        next(pipeline.text_encoder.parameters()).add_(1.0)
+    assert fingerprint(pipeline, "world", 2, 4, 64) != before[False]  # the cached text states are stale
+    assert fingerprint(pipeline, "world", 2, 4, 64, text_from_tokens=True) == before[True]
+    pipeline.tokenizer.add_tokens(["zebra-striped"])  # another vocabulary: other token ids
+    assert fingerprint(pipeline, "world", 2, 4, 64, text_from_tokens=True) != before[True]

@@ -132,8 +132,13 @@ def fingerprint(
     num_frames: int,
     resolution: int,
     subject_image: str = "segmented",
+    text_from_tokens: bool = False,
 ) -> str:
-    """Identifies what a cache was built from (data + frozen encoders), so a stale cache is rebuilt."""
+    """Identifies what a cache was built from (data + frozen encoders), so a stale cache is rebuilt.
+
+    ``text_from_tokens``: the run trains the text encoder and reads the cached token ids, never the cached text
+    states, so the text encoder's weights are left out (one cache serves every continuation of such a run) and the
+    tokenizer's vocabulary goes in instead."""
     digest = hashlib.sha256()
     fields: list = [
         dataset_name,
@@ -146,8 +151,12 @@ def fingerprint(
     ]
     if subject_image == "whole":
         fields.append("whole")
+    if text_from_tokens:
+        fields += ["token ids", sorted(pipeline.tokenizer.get_vocab().items())]
     digest.update(json.dumps(fields).encode())
     for module in (pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
+        if text_from_tokens and module is pipeline.text_encoder:
+            continue
         for name, tensor in sorted(module.state_dict().items())[:8]:
             digest.update(name.encode())
             digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())

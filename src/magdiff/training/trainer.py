@@ -217,7 +217,15 @@ def load_or_build_cache(
     dataset = training_dataset(config)
     num_samples = min(config.num_train_samples, len(dataset))
     subject_image = "whole" if config.subject_image == "whole" else "segmented"
-    expected = fingerprint(pipeline, config.dataset, num_samples, config.num_frames, config.resolution, subject_image)
+    expected = fingerprint(
+        pipeline,
+        config.dataset,
+        num_samples,
+        config.num_frames,
+        config.resolution,
+        subject_image,
+        text_from_tokens=config.train_text_encoder,
+    )
     path = cache_dir / f"clips_{expected}.safetensors"
     needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
         ("subject_masks",) if config.subject_loss_weight > 0 else ()
