@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .data.world import WORLD_VOCABULARY
-from .models.unet import MagDiffUNetModel
+from .models.unet import MagDiffUNetModel, attention_heads
 from .tokenization import build_word_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -126,13 +126,15 @@ def world_unet(
     seed: int = 0,
     text_time_conditioning: bool = True,
     position_embeddings: bool = False,
+    attention_head_dim: int = 32,
 ) -> MagDiffUNetModel:
-    """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere."""
+    """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
+    spatial attention heads ``attention_head_dim`` wide."""
     torch.manual_seed(seed)
     levels = len(channels)
     down = tuple("CrossAttnDownBlockMotion" if i < levels - 1 else "DownBlockMotion" for i in range(levels))
     up = tuple("UpBlockMotion" if i == 0 else "CrossAttnUpBlockMotion" for i in range(levels))
-    heads = tuple(max(1, c // 32) for c in channels)
+    heads = attention_heads(channels, attention_head_dim)
     unet = MagDiffUNetModel(
         sample_size=sample_size,
         in_channels=4,

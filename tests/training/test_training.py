@@ -316,3 +316,28 @@ def test_position_embeddings_added_to_a_trained_model(tmp_path):
     # A new world model can have them from the start.
     fresh = train(_config(tmp_path, "fresh", max_steps=1, position_embeddings=True), progress=False)
     assert MagDiffUNetModel.from_pretrained(fresh / "unet").config.position_embeddings
+
+
+def test_attention_heads_regrouped_on_a_trained_model(tmp_path):
+    from magdiff.models.unet import MagDiffUNetModel, attention_heads
+    from magdiff.training.trainer import build_pipeline
+
+    plain = train(_config(tmp_path, "plain", max_steps=1), progress=False)
+    base = MagDiffUNetModel.from_pretrained(plain / "unet")
+    assert list(base.config.num_attention_heads) == [1, 1]  # levels of 16 and 32 channels, 32-wide heads
+    regrouped = build_pipeline(_config(tmp_path, "heads", model=str(plain), attention_head_dim=8)).unet
+    assert list(regrouped.config.num_attention_heads) == [2, 4]
+    # the same weights, only split into more heads; the function changes
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(regrouped.state_dict()[name], tensor, msg=name)
+    sample, text = torch.randn(1, 4, 4, 16, 16), torch.randn(1, 16, 64)
+    with torch.no_grad():
+        assert not torch.allclose(base(sample, 500, text).sample, regrouped(sample, 500, text).sample)
+    export = train(_config(tmp_path, "heads", max_steps=1, model=str(plain), attention_head_dim=8), progress=False)
+    assert list(MagDiffUNetModel.from_pretrained(export / "unet").config.num_attention_heads) == [2, 4]
+    # a new world model takes the width too; a width that does not split a level evenly is refused
+    assert attention_heads((64, 128, 128), 8) == (8, 16, 16) and attention_heads((16, 32), 32) == (1, 1)
+    with pytest.raises(MagDiffInputError, match="does not split the levels of 16 channels"):
+        attention_heads((16, 32), 12)
+    with pytest.raises(MagDiffInputError, match="attention_head_dim must be >= 1"):
+        config_from_dict({"attention_head_dim": 0})

@@ -26,6 +26,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from diffusers.models.unets.unet_motion_model import UNetMotionOutput
 from torch import nn
 
+from ..errors import MagDiffInputError
 from .attention import APA_MODES, APAAttnProcessor
 from .hfa import HFA_MODES, HFAPyramidFusion
 
@@ -73,6 +74,18 @@ class SubjectConditioning:
     def cat(items: list[SubjectConditioning]) -> SubjectConditioning:
         hfa = None if items[0].hfa_latents is None else torch.cat([item.hfa_latents for item in items])
         return SubjectConditioning(torch.cat([item.image_tokens for item in items]), hfa)
+
+
+def attention_heads(channels: tuple[int, ...], head_dim: int) -> tuple[int, ...]:
+    """Heads per level for spatial attention ``head_dim`` wide (at least one; a level narrower than ``head_dim``
+    gets one head as wide as the level)."""
+    uneven = [width for width in channels if width > head_dim and width % head_dim]
+    if uneven:
+        raise MagDiffInputError(
+            f"attention_head_dim={head_dim} does not split the levels of {uneven[0]} channels into equal heads; "
+            f"choose a width that divides every level of {list(channels)}."
+        )
+    return tuple(max(1, width // head_dim) for width in channels)
 
 
 def is_spatial_cross_attention(name: str, module: nn.Module) -> bool:

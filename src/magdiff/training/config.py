@@ -95,6 +95,11 @@ class TrainConfig:
     """Learned frame and spatial position embeddings after ``conv_in`` (``MagDiffUNetModel``). New models: off
     unless true. With ``model``: ``None`` keeps the model's; true adds them (zero-initialised, so training starts
     from exactly the model's predictions) to a model without them."""
+    attention_head_dim: int | None = None
+    """Width of each head of the spatial (self- and cross-) attention; every level gets channels / width heads.
+    New models: 32 unless set. With ``model``: ``None`` keeps the model's heads; a width regroups the same weights
+    into that many heads (no weight changes shape). Narrow heads let different heads read different words of the
+    prompt: with one 32-wide head per level the world model's cross-attention reads only the background colour."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs
@@ -134,6 +139,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
+            (self.attention_head_dim is None or self.attention_head_dim >= 1, "attention_head_dim must be >= 1"),
             (not self.new_subject_parts or self.model is not None, "new_subject_parts needs model (the base)"),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MagDiffInputError
-from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
+from ..models.unet import MagDiffUNetModel, attention_heads, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
 from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
@@ -174,6 +174,10 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
             "position_embeddings", False
         ):
             changes["position_embeddings"] = config.position_embeddings
+        if config.attention_head_dim is not None:
+            heads = attention_heads(tuple(pipeline.unet.config.block_out_channels), config.attention_head_dim)
+            if list(heads) != list(pipeline.unet.config.num_attention_heads):
+                changes["num_attention_heads"] = heads
         if changes:
             pipeline.unet = MagDiffUNetModel.from_magdiff_base(
                 pipeline.unet, seed=config.seed, new_subject_parts=config.new_subject_parts, **changes
@@ -192,6 +196,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         seed=config.seed,
         text_time_conditioning=config.text_time_conditioning,
         position_embeddings=bool(config.position_embeddings),
+        attention_head_dim=config.attention_head_dim or 32,
     )
     return MagDiffPipeline(unet=unet, **components)
 
