@@ -82,7 +82,9 @@ def test_run_then_report(tmp_path):
     (tmp_path / "full" / "benchmark.json").write_text(json.dumps(full))
     table = report(tmp_path)
     assert "| full |" in table and "| single-hfa |" in table
-    assert "| `down_blocks.0.attentions.0` | 1.400 | 0.900 |" in table
+    assert "| layer | full | single-hfa |" in table  # every variant that learns the weights, the full model first
+    assert "| `down_blocks.0.attentions.0` | 1.400 / 0.900 | -" in table
+    assert not VARIANTS["fixed-apa"].learns_apa and VARIANTS["sda-apa"].learns_apa
     with pytest.raises(MagDiffInputError, match="No ablation results"):
         report(tmp_path / "empty")
 

@@ -38,6 +38,10 @@ class Variant:
     subject_input: str = "segmented"
     """What the benchmark gives generation as the subject (``"whole"``: the whole first frame)."""
 
+    @property
+    def learns_apa(self) -> bool:
+        return self.overrides.get("apa", "learned") == "learned"
+
 
 VARIANTS: dict[str, Variant] = {
     "text-only": Variant(
@@ -233,11 +237,25 @@ def report(root: str | Path) -> str:
             + " | ".join(cells)
             + f" | {count} | {record.get('max_steps', '?')} |"
         )
-    full = records.get("full")
-    if full and full.get("apa_weights"):
-        lines += ["", "Learned APA weights of the full model:", "", "| layer | a_img | a_txt |", "|---|---|---|"]
-        for layer, (a_img, a_txt) in full["apa_weights"].items():
-            lines.append(f"| `{layer}` | {a_img:.3f} | {a_txt:.3f} |")
+    # The learned APA weights per layer: the full model first, then every other variant that learns them.
+    learned = [
+        name for name in ("full", *records) if VARIANTS[name].learns_apa and records.get(name, {}).get("apa_weights")
+    ]
+    learned = list(dict.fromkeys(learned))
+    if learned:
+        lines += [
+            "",
+            "Learned APA weights, `a_img` / `a_txt` per layer:",
+            "",
+            "| layer | " + " | ".join(learned) + " |",
+            "|---" * (len(learned) + 1) + "|",
+        ]
+        for layer in records[learned[0]]["apa_weights"]:
+            cells = []
+            for name in learned:
+                weights = records[name]["apa_weights"].get(layer)
+                cells.append("-" if weights is None else f"{weights[0]:.3f} / {weights[1]:.3f}")
+            lines.append(f"| `{layer}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
