@@ -183,21 +183,21 @@ def test_text_encoder_trains_with_the_unet_and_resumes_exactly(tmp_path):
     from magdiff.training.cache import EncodedClips
 
     options = {"train_text_encoder": True, "ema_decay": 0.9, "checkpoint_every": 1, "learning_rate": 1e-2}
-    # A cache written before token ids were stored is rebuilt when the text encoder trains.
+    # A run that trains the text encoder has its own cache (named without the text encoder's weights); one written
+    # before token ids were stored is rebuilt.
     train(_config(tmp_path, "frozen", max_steps=1), progress=False)
-    (cache_path,) = (tmp_path / "cache").glob("clips_*.safetensors")
+    (frozen_cache,) = (tmp_path / "cache").glob("clips_*.safetensors")
+    straight = train(_config(tmp_path, "straight", max_steps=2, **options), progress=False)
+    (cache_path,) = set((tmp_path / "cache").glob("clips_*.safetensors")) - {frozen_cache}
     clips = EncodedClips.load(cache_path)
     assert clips.has_tokens
     dataclasses.replace(clips, input_ids=None, attention_mask=None, empty_ids=None, empty_attention_mask=None).save(
         cache_path
     )
     assert not EncodedClips.load(cache_path).has_tokens and not EncodedClips.file_has_tokens(cache_path)
-
-    straight = train(_config(tmp_path, "straight", max_steps=2, **options), progress=False)
-    clips = EncodedClips.load(cache_path)
-    assert clips.has_tokens
     halves = _config(tmp_path, "halves", max_steps=1, **options)
     train(halves, progress=False)
+    assert EncodedClips.load(cache_path).has_tokens  # rebuilt
     resumed = train(config_from_dict({"max_steps": 2}, halves), resume="latest", progress=False)
 
     checkpoint = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000002" / "unet.safetensors"))
