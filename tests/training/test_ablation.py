@@ -78,10 +78,19 @@ def test_run_then_report(tmp_path):
     assert record["results"]["generation/count"] == 1.0 and record["max_steps"] == 2
     assert json.loads((tmp_path / "single-hfa" / "benchmark.json").read_text())["variant"] == "single-hfa"
     full = dict(record, variant="full", apa_weights={"down_blocks.0.attentions.0": [1.4, 0.9]})
+    full["per_sample"] = [dict(row) for row in record["per_sample"]] + [
+        dict(row, index=row["index"] + 1) for row in record["per_sample"]
+    ]
+    for row in full["per_sample"]:  # the full model scores 0.1 more fidelity on every clip
+        if row["task"] == "generation":
+            row["subject_fidelity"] += 0.1
+    record["per_sample"] += [dict(row, index=row["index"] + 1) for row in record["per_sample"]]
+    (tmp_path / "single-hfa" / "benchmark.json").write_text(json.dumps(record))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "benchmark.json").write_text(json.dumps(full))
     table = report(tmp_path)
     assert "| full |" in table and "| single-hfa |" in table
+    assert "| single-hfa | -0.100 +- 0.000 | +0.000 +- 0.000 | +0.000 +- 0.000 |" in table
     assert "| layer | full | single-hfa |" in table  # every variant that learns the weights, the full model first
     assert "| `down_blocks.0.attentions.0` | 1.400 / 0.900 | -" in table
     assert not VARIANTS["fixed-apa"].learns_apa and VARIANTS["sda-apa"].learns_apa

@@ -214,6 +214,45 @@ def _evaluate_in_processes(
     return merge_shards(records)
 
 
+# Per-clip scores compared clip by clip with the full model: (task, per-clip key, label).
+PAIRED = (
+    ("generation", "subject_fidelity", "fidelity"),
+    ("editing", "mask_iou", "edit IoU"),
+    ("editing", "kept_pixel_error", "kept-pixel error"),
+)
+
+
+def paired_differences(records: dict[str, dict]) -> list[str]:
+    """Markdown lines: each variant's per-clip scores minus the full model's on the same clips, mean +- standard
+    error (every variant scores the same clips with the same seeds, so the pairing removes the clips' spread)."""
+
+    def per_clip(record: dict, task: str, key: str) -> dict[int, float]:
+        rows = record.get("per_sample", [])
+        return {row["index"]: float(row[key]) for row in rows if row["task"] == task and row.get(key) is not None}
+
+    lines = [
+        "Difference from the full model on the same clips (mean +- standard error of the per-clip difference):",
+        "",
+        "| variant | " + " | ".join(label for _, _, label in PAIRED) + " |",
+        "|---" * (len(PAIRED) + 1) + "|",
+    ]
+    for name, record in records.items():
+        if name == "full":
+            continue
+        cells = []
+        for task, key, _ in PAIRED:
+            full, other = per_clip(records["full"], task, key), per_clip(record, task, key)
+            differences = [other[index] - full[index] for index in full if index in other]
+            if len(differences) < 2:
+                cells.append("-")
+                continue
+            mean = sum(differences) / len(differences)
+            variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+            cells.append(f"{mean:+.3f} +- {(variance / len(differences)) ** 0.5:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(root: str | Path) -> str:
     """A Markdown table of every variant's benchmark under ``root``, then the full model's APA weights per layer."""
     root = Path(root)
@@ -237,6 +276,8 @@ def report(root: str | Path) -> str:
             + " | ".join(cells)
             + f" | {count} | {record.get('max_steps', '?')} |"
         )
+    if "full" in records and len(records) > 1:
+        lines += ["", *paired_differences(records)]
     # The learned APA weights per layer: the full model first, then every other variant that learns them.
     learned = [
         name for name in ("full", *records) if VARIANTS[name].learns_apa and records.get(name, {}).get("apa_weights")
