@@ -539,7 +539,7 @@ def trainable_parameter_names(unet: MagDiffUNetModel) -> list[str]:
         if (
             "motion_modules." in name
             or ".attentions." in name
-            or name.startswith(("conv_in.", "resampler.", "hfa_fusion.", "frame_position", "spatial_position"))
+            or name.startswith(("conv_in.", "resampler.", "hfa_fusion.", *_POSITION_FRAGMENTS))
         ):
             names.append(name)
     return names

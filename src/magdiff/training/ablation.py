@@ -236,12 +236,13 @@ def paired_differences(records: dict[str, dict]) -> list[str]:
         "| variant | " + " | ".join(label for _, _, label in PAIRED) + " |",
         "|---" * (len(PAIRED) + 1) + "|",
     ]
+    reference = {(task, key): per_clip(records["full"], task, key) for task, key, _ in PAIRED}
     for name, record in records.items():
         if name == "full":
             continue
         cells = []
         for task, key, _ in PAIRED:
-            full, other = per_clip(records["full"], task, key), per_clip(record, task, key)
+            full, other = reference[task, key], per_clip(record, task, key)
             differences = [other[index] - full[index] for index in full if index in other]
             if len(differences) < 2:
                 cells.append("-")
@@ -279,10 +280,8 @@ def report(root: str | Path) -> str:
     if "full" in records and len(records) > 1:
         lines += ["", *paired_differences(records)]
     # The learned APA weights per layer: the full model first, then every other variant that learns them.
-    learned = [
-        name for name in ("full", *records) if VARIANTS[name].learns_apa and records.get(name, {}).get("apa_weights")
-    ]
-    learned = list(dict.fromkeys(learned))
+    learned = [name for name, record in records.items() if VARIANTS[name].learns_apa and record.get("apa_weights")]
+    learned.sort(key=lambda name: name != "full")  # stable: the full model first, the rest in report order
     if learned:
         lines += [
             "",
