@@ -303,3 +303,45 @@ def test_position_embeddings_start_as_the_model_and_tell_frames_and_places_apart
     loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
     assert torch.equal(loaded.frame_position, with_positions.frame_position)
     assert "frame_position" in trainable_parameter_names(loaded)
+
+
+def test_spacetime_block_starts_as_identity_and_lets_any_frame_read_any_place():
+    from magdiff.models.spacetime import SpaceTimeBlock
+
+    torch.manual_seed(0)
+    block = SpaceTimeBlock(16, num_heads=2, max_frames=8, size=(3, 3))
+    hidden = torch.randn(2 * 4, 16, 3, 3)  # two clips of four frames
+    torch.testing.assert_close(block(hidden, num_frames=4), hidden)  # zero-initialised residuals
+    with torch.no_grad():
+        for output in (block.attn.to_out[0], block.ff.net[-1]):
+            output.weight.normal_()
+    hidden.requires_grad_(True)
+    out = block(hidden, num_frames=4)
+    # Frame 3's top-left token reads frame 0's bottom-right one, in the same clip and not in the other.
+    (grad,) = torch.autograd.grad(out[3, :, 0, 0].sum(), hidden)
+    assert grad[0, :, 2, 2].abs().sum() > 0
+    assert grad[4:].abs().sum() == 0
+    # Frame embeddings tell frames apart: the same content in every frame gives different outputs per frame.
+    same = torch.randn(1, 16, 3, 3).repeat(4, 1, 1, 1)
+    out = block(same, num_frames=4)
+    assert not torch.allclose(out[0], out[3])
+    assert block(torch.randn(4, 16, 5, 2), num_frames=4).shape == (4, 16, 5, 2)  # other sizes: interpolated
+    with pytest.raises(ValueError, match="exceed the 8 frame embeddings"):
+        block(torch.randn(9, 16, 3, 3), num_frames=9)
+
+
+def test_spacetime_attention_added_to_a_model_starts_from_its_predictions(tmp_path, base_and_magdiff):
+    _, unet = base_and_magdiff
+    with_block = MagDiffUNetModel.from_magdiff_base(unet, new_subject_parts=False, spacetime_attention=True).eval()
+    assert with_block.config.spacetime_attention and not unet.config.get("spacetime_attention", False)
+    sample, timestep, text, embeds, latents = _inputs()
+    conditions = {"encoder_hidden_states": text, "subject_embeds": embeds, "subject_latents": latents}
+    with torch.no_grad():
+        expected = unet(sample, timestep, **conditions).sample
+        torch.testing.assert_close(with_block(sample, timestep, **conditions).sample, expected)
+        with_block.spacetime_block.attn.to_out[0].weight.normal_()
+        assert not torch.allclose(with_block(sample, timestep, **conditions).sample, expected)  # the hook is live
+    with_block.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
+    assert torch.equal(loaded.spacetime_block.attn.to_out[0].weight, with_block.spacetime_block.attn.to_out[0].weight)
+    assert "spacetime_block.attn.to_q.weight" in trainable_parameter_names(loaded)

@@ -126,6 +126,7 @@ def world_unet(
     seed: int = 0,
     text_time_conditioning: bool = True,
     position_embeddings: bool = False,
+    spacetime_attention: bool = False,
     attention_head_dim: int = 32,
 ) -> MagDiffUNetModel:
     """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
@@ -160,6 +161,7 @@ def world_unet(
         resampler_dim_head=64,
         text_time_conditioning=text_time_conditioning,
         position_embeddings=position_embeddings,
+        spacetime_attention=spacetime_attention,
     )
     # From scratch there is no base to preserve: let the HFA channels of conv_in start small but non-zero so the
     # subject latents get a gradient from the first step.

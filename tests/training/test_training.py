@@ -318,6 +318,16 @@ def test_position_embeddings_added_to_a_trained_model(tmp_path):
     assert MagDiffUNetModel.from_pretrained(fresh / "unet").config.position_embeddings
 
 
+def test_spacetime_attention_added_to_a_trained_model(tmp_path):
+    from magdiff.models.unet import MagDiffUNetModel
+
+    plain = train(_config(tmp_path, "plain", max_steps=1), progress=False)
+    config = _config(tmp_path, "block", max_steps=2, model=str(plain), spacetime_attention=True, learning_rate=1e-2)
+    unet = MagDiffUNetModel.from_pretrained(train(config, progress=False) / "unet")
+    assert unet.config.spacetime_attention
+    assert unet.spacetime_block.attn.to_out[0].weight.abs().sum() > 0  # trained from zero
+
+
 def test_attention_heads_regrouped_on_a_trained_model(tmp_path):
     from magdiff.models.unet import MagDiffUNetModel, attention_heads
     from magdiff.training.trainer import build_pipeline

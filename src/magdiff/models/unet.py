@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MagDiffInputError
 from .attention import APA_MODES, APAAttnProcessor
 from .hfa import HFA_MODES, HFAPyramidFusion
+from .spacetime import SpaceTimeBlock
 
 # diffusers' pipeline loader looks the base class up in the component's module to find its loading method.
 __all__ = [
@@ -49,8 +50,9 @@ _NEW_PARAMETER_FRAGMENTS = (
     ".processor.a_txt",
 )
 
-# Parameters of the optional position embeddings (absent from a base ``UNetMotionModel``; not MagDiff parts).
-_POSITION_FRAGMENTS = ("frame_position", "spatial_position")
+# Parameters of the optional position embeddings and space-time block (absent from a base ``UNetMotionModel``; not
+# MagDiff parts).
+_POSITION_FRAGMENTS = ("frame_position", "spatial_position", "spacetime_block.")
 
 
 @dataclass
@@ -127,6 +129,10 @@ class MagDiffUNetModel(UNetMotionModel):
             sizes) embedding to the features after ``conv_in``, both zero-initialised, so spatial layers know the
             frame index and where they are (not in the paper: the world model's motion must turn a word into a
             displacement that grows with the frame index, which convolutions without positions do poorly).
+        spacetime_attention: add a :class:`~magdiff.models.spacetime.SpaceTimeBlock` after the mid block, one
+            attention over all frames and positions at the lowest resolution with its own frame and position
+            embeddings, output zero-initialised (not in the paper: temporal attention works per pixel and the
+            spatial layers per frame, so nothing else lets a frame look up where the subject was in another).
     """
 
     @register_to_config
@@ -190,6 +196,7 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_dim_head: int = 64,
         text_time_conditioning: bool = False,
         position_embeddings: bool = False,
+        spacetime_attention: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
@@ -256,6 +263,17 @@ class MagDiffUNetModel(UNetMotionModel):
             self.frame_position = nn.Parameter(torch.zeros(motion_max_seq_length, channels))
             self.spatial_position = nn.Parameter(torch.zeros(channels, height, width))
             self.conv_in.register_forward_hook(self._add_positions)
+        if spacetime_attention:
+            base_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+            factor = 2 ** (len(block_out_channels) - 1)
+            channels = block_out_channels[-1]
+            self.spacetime_block = SpaceTimeBlock(
+                channels,
+                num_heads=max(1, channels // 32),
+                max_frames=motion_max_seq_length,
+                size=(max(1, base_size[0] // factor), max(1, base_size[1] // factor)),
+            )
+            self.mid_block.register_forward_hook(self._spacetime)
         self._frames_in_flight = 1
         self.hfa_fusion = (
             HFAPyramidFusion(in_channels, hfa_hidden_channels, len(hfa_scales)) if hfa == "pyramid" else None
@@ -290,6 +308,10 @@ class MagDiffUNetModel(UNetMotionModel):
             spatial = F.interpolate(spatial[None], size=output.shape[-2:], mode="bilinear", align_corners=False)[0]
         positions = spatial[None] + self.frame_position[:num_frames, :, None, None]  # (F, C, h, w)
         return output + positions.to(output.dtype).repeat(output.shape[0] // num_frames, 1, 1, 1)
+
+    def _spacetime(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """``mid_block`` hook: the space-time block on its (b*F, C, h, w) output."""
+        return self.spacetime_block(output, self._frames_in_flight)
 
     # ------------------------------------------------------------------ construction from public parts
 
@@ -483,7 +505,7 @@ class MagDiffUNetModel(UNetMotionModel):
             Without any subject input the image branch is skipped and the HFA channels get zeros.
         """
         batch_size, _, num_frames, height, width = sample.shape
-        self._frames_in_flight = num_frames  # read by the position-embedding hook on conv_in
+        self._frames_in_flight = num_frames  # read by the position-embedding and space-time hooks
         if subject is None and subject_embeds is not None:
             subject = self.encode_subject(subject_embeds, subject_latents, (height, width))
         elif subject is not None and subject_embeds is not None:

@@ -95,6 +95,9 @@ class TrainConfig:
     """Learned frame and spatial position embeddings after ``conv_in`` (``MagDiffUNetModel``). New models: off
     unless true. With ``model``: ``None`` keeps the model's; true adds them (zero-initialised, so training starts
     from exactly the model's predictions) to a model without them."""
+    spacetime_attention: bool | None = None
+    """A transformer block over all frames and positions after the mid block (``MagDiffUNetModel``), zero-initialised.
+    New models: off unless true. With ``model``: ``None`` keeps the model's; true adds it to a model without it."""
     attention_head_dim: int | None = None
     """Width of each head of the spatial (self- and cross-) attention; every level gets channels / width heads.
     New models: 32 unless set. With ``model``: ``None`` keeps the model's heads; a width regroups the same weights
