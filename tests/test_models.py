@@ -309,25 +309,28 @@ def test_spacetime_block_starts_as_identity_and_lets_any_frame_read_any_place():
     from magdiff.models.spacetime import SpaceTimeBlock
 
     torch.manual_seed(0)
-    block = SpaceTimeBlock(16, num_heads=2, max_frames=8, size=(3, 3))
+    block = SpaceTimeBlock(16, text_dim=8, num_heads=2, max_frames=8, size=(3, 3))
     hidden = torch.randn(2 * 4, 16, 3, 3)  # two clips of four frames
-    torch.testing.assert_close(block(hidden, num_frames=4), hidden)  # zero-initialised residuals
+    text = torch.randn(2, 5, 8)
+    torch.testing.assert_close(block(hidden, text, num_frames=4), hidden)  # zero-initialised residuals
     with torch.no_grad():
-        for output in (block.attn.to_out[0], block.ff.net[-1]):
+        for output in (block.attn.to_out[0], block.text_attn.to_out[0], block.ff.net[-1]):
             output.weight.normal_()
     hidden.requires_grad_(True)
-    out = block(hidden, num_frames=4)
-    # Frame 3's top-left token reads frame 0's bottom-right one, in the same clip and not in the other.
-    (grad,) = torch.autograd.grad(out[3, :, 0, 0].sum(), hidden)
+    text.requires_grad_(True)
+    out = block(hidden, text, num_frames=4)
+    # Frame 3's top-left token reads frame 0's bottom-right one and its clip's text, not the other clip's.
+    grad, text_grad = torch.autograd.grad(out[3, :, 0, 0].sum(), (hidden, text))
     assert grad[0, :, 2, 2].abs().sum() > 0
     assert grad[4:].abs().sum() == 0
+    assert text_grad[0].abs().sum() > 0 and text_grad[1].abs().sum() == 0
     # Frame embeddings tell frames apart: the same content in every frame gives different outputs per frame.
     same = torch.randn(1, 16, 3, 3).repeat(4, 1, 1, 1)
-    out = block(same, num_frames=4)
+    out = block(same, text[:1].detach(), num_frames=4)
     assert not torch.allclose(out[0], out[3])
-    assert block(torch.randn(4, 16, 5, 2), num_frames=4).shape == (4, 16, 5, 2)  # other sizes: interpolated
+    assert block(torch.randn(4, 16, 5, 2), text[:1], num_frames=4).shape == (4, 16, 5, 2)  # other sizes: interpolated
     with pytest.raises(ValueError, match="exceed the 8 frame embeddings"):
-        block(torch.randn(9, 16, 3, 3), num_frames=9)
+        block(torch.randn(9, 16, 3, 3), text[:1], num_frames=9)
 
 
 def test_spacetime_attention_added_to_a_model_starts_from_its_predictions(tmp_path, base_and_magdiff):

@@ -131,8 +131,9 @@ class MagDiffUNetModel(UNetMotionModel):
             displacement that grows with the frame index, which convolutions without positions do poorly).
         spacetime_attention: add a :class:`~magdiff.models.spacetime.SpaceTimeBlock` after the mid block, one
             attention over all frames and positions at the lowest resolution with its own frame and position
-            embeddings, output zero-initialised (not in the paper: temporal attention works per pixel and the
-            spatial layers per frame, so nothing else lets a frame look up where the subject was in another).
+            embeddings plus a cross-attention to the text, outputs zero-initialised (not in the paper: temporal
+            attention works per pixel and the spatial layers per frame, so nothing else lets a frame look up where
+            the subject was in another).
     """
 
     @register_to_config
@@ -269,12 +270,14 @@ class MagDiffUNetModel(UNetMotionModel):
             channels = block_out_channels[-1]
             self.spacetime_block = SpaceTimeBlock(
                 channels,
+                cross_attention_dim,
                 num_heads=max(1, channels // 32),
                 max_frames=motion_max_seq_length,
                 size=(max(1, base_size[0] // factor), max(1, base_size[1] // factor)),
             )
             self.mid_block.register_forward_hook(self._spacetime)
         self._frames_in_flight = 1
+        self._text_in_flight: torch.Tensor | None = None
         self.hfa_fusion = (
             HFAPyramidFusion(in_channels, hfa_hidden_channels, len(hfa_scales)) if hfa == "pyramid" else None
         )
@@ -311,7 +314,8 @@ class MagDiffUNetModel(UNetMotionModel):
 
     def _spacetime(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """``mid_block`` hook: the space-time block on its (b*F, C, h, w) output."""
-        return self.spacetime_block(output, self._frames_in_flight)
+        assert self._text_in_flight is not None  # set by forward()
+        return self.spacetime_block(output, self._text_in_flight, self._frames_in_flight)
 
     # ------------------------------------------------------------------ construction from public parts
 
@@ -517,11 +521,12 @@ class MagDiffUNetModel(UNetMotionModel):
             sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2*c, F, h, w)
 
         # Optional global text path: the mean text token, projected into the time embedding (diffusers' cond_proj).
+        per_clip = encoder_hidden_states
+        if per_clip.shape[0] != batch_size:  # already repeated per frame: take each clip's first copy
+            per_clip = per_clip.view(batch_size, num_frames, *per_clip.shape[1:])[:, 0]
         if self.config.text_time_conditioning and timestep_cond is None:
-            per_clip = encoder_hidden_states
-            if per_clip.shape[0] != batch_size:  # already repeated per frame: take each clip's first copy
-                per_clip = per_clip.view(batch_size, num_frames, *per_clip.shape[1:])[:, 0]
             timestep_cond = per_clip.mean(dim=1).to(sample.dtype)  # (b, c)
+        self._text_in_flight = per_clip  # read by the space-time block's hook
 
         # Text tokens per frame, then the APA context (text, image tokens) with every slot's tokens per frame.
         if encoder_hidden_states.shape[0] == batch_size:
