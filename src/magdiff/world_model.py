@@ -127,6 +127,7 @@ def world_unet(
     text_time_conditioning: bool = True,
     position_embeddings: bool = False,
     spacetime_attention: bool = False,
+    first_frame_attention: bool = False,
     attention_head_dim: int = 32,
 ) -> MagDiffUNetModel:
     """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
@@ -162,6 +163,7 @@ def world_unet(
         text_time_conditioning=text_time_conditioning,
         position_embeddings=position_embeddings,
         spacetime_attention=spacetime_attention,
+        first_frame_attention=first_frame_attention,
     )
     # From scratch there is no base to preserve: let the HFA channels of conv_in start small but non-zero so the
     # subject latents get a gradient from the first step.

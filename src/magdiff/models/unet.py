@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import MagDiffInputError
 from .attention import APA_MODES, APAAttnProcessor
+from .first_frame import FirstFrameAttention
 from .hfa import HFA_MODES, HFAPyramidFusion
 from .spacetime import SpaceTimeBlock
 
@@ -50,9 +51,9 @@ _NEW_PARAMETER_FRAGMENTS = (
     ".processor.a_txt",
 )
 
-# Parameters of the optional position embeddings and space-time block (absent from a base ``UNetMotionModel``; not
-# MagDiff parts).
-_POSITION_FRAGMENTS = ("frame_position", "spatial_position", "spacetime_block.")
+# Parameters of the optional position embeddings, space-time block and first-frame attention (absent from a base
+# ``UNetMotionModel``; not MagDiff parts).
+_POSITION_FRAGMENTS = ("frame_position", "spatial_position", "spacetime_block.", "first_frame_block.")
 
 
 @dataclass
@@ -134,6 +135,10 @@ class MagDiffUNetModel(UNetMotionModel):
             embeddings plus a cross-attention to the text, outputs zero-initialised (not in the paper: temporal
             attention works per pixel and the spatial layers per frame, so nothing else lets a frame look up where
             the subject was in another).
+        first_frame_attention: add a :class:`~magdiff.models.first_frame.FirstFrameAttention` after ``conv_in``:
+            every frame attends to the first frame with a relative-position bias (per frame and offset) that the
+            prompt chooses, output zero-initialised (not in the paper: it lets "moving left" become "frame f reads the
+            first frame's subject f steps to the right").
     """
 
     @register_to_config
@@ -198,6 +203,7 @@ class MagDiffUNetModel(UNetMotionModel):
         text_time_conditioning: bool = False,
         position_embeddings: bool = False,
         spacetime_attention: bool = False,
+        first_frame_attention: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
@@ -276,6 +282,16 @@ class MagDiffUNetModel(UNetMotionModel):
                 size=(max(1, base_size[0] // factor), max(1, base_size[1] // factor)),
             )
             self.mid_block.register_forward_hook(self._spacetime)
+        if first_frame_attention:
+            latent_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+            self.first_frame_block = FirstFrameAttention(
+                block_out_channels[0],
+                cross_attention_dim,
+                num_heads=2,
+                max_frames=motion_max_seq_length,
+                size=(latent_size[0], latent_size[1]),
+            )
+            self.conv_in.register_forward_hook(self._first_frame)
         self._frames_in_flight = 1
         self._text_in_flight: torch.Tensor | None = None
         self.hfa_fusion = (
@@ -316,6 +332,11 @@ class MagDiffUNetModel(UNetMotionModel):
         """``mid_block`` hook: the space-time block on its (b*F, C, h, w) output."""
         assert self._text_in_flight is not None  # set by forward()
         return self.spacetime_block(output, self._text_in_flight, self._frames_in_flight)
+
+    def _first_frame(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """``conv_in`` hook: every frame attends to the first frame (after the position embeddings, if any)."""
+        assert self._text_in_flight is not None  # set by forward()
+        return self.first_frame_block(output, self._text_in_flight, self._frames_in_flight)
 
     # ------------------------------------------------------------------ construction from public parts
 
@@ -526,7 +547,7 @@ class MagDiffUNetModel(UNetMotionModel):
             per_clip = per_clip.view(batch_size, num_frames, *per_clip.shape[1:])[:, 0]
         if self.config.text_time_conditioning and timestep_cond is None:
             timestep_cond = per_clip.mean(dim=1).to(sample.dtype)  # (b, c)
-        self._text_in_flight = per_clip  # read by the space-time block's hook
+        self._text_in_flight = per_clip  # read by the space-time and first-frame hooks
 
         # Text tokens per frame, then the APA context (text, image tokens) with every slot's tokens per frame.
         if encoder_hidden_states.shape[0] == batch_size:

@@ -98,6 +98,10 @@ class TrainConfig:
     spacetime_attention: bool | None = None
     """A transformer block over all frames and positions after the mid block (``MagDiffUNetModel``), zero-initialised.
     New models: off unless true. With ``model``: ``None`` keeps the model's; true adds it to a model without it."""
+    first_frame_attention: bool | None = None
+    """Every frame attends to the first frame after ``conv_in``, with a prompt-chosen relative-position bias
+    (``MagDiffUNetModel``), zero-initialised. New models: off unless true. With ``model``: ``None`` keeps the
+    model's; true adds it to a model without it."""
     attention_head_dim: int | None = None
     """Width of each head of the spatial (self- and cross-) attention; every level gets channels / width heads.
     New models: 32 unless set. With ``model``: ``None`` keeps the model's heads; a width regroups the same weights

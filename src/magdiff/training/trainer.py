@@ -174,10 +174,10 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
             "position_embeddings", False
         ):
             changes["position_embeddings"] = config.position_embeddings
-        if config.spacetime_attention is not None and config.spacetime_attention != pipeline.unet.config.get(
-            "spacetime_attention", False
-        ):
-            changes["spacetime_attention"] = config.spacetime_attention
+        for option in ("spacetime_attention", "first_frame_attention"):
+            wanted = getattr(config, option)
+            if wanted is not None and wanted != pipeline.unet.config.get(option, False):
+                changes[option] = wanted
         if config.attention_head_dim is not None:
             heads = attention_heads(tuple(pipeline.unet.config.block_out_channels), config.attention_head_dim)
             if list(heads) != list(pipeline.unet.config.num_attention_heads):
@@ -201,6 +201,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         text_time_conditioning=config.text_time_conditioning,
         position_embeddings=bool(config.position_embeddings),
         spacetime_attention=bool(config.spacetime_attention),
+        first_frame_attention=bool(config.first_frame_attention),
         attention_head_dim=config.attention_head_dim or 32,
     )
     return MagDiffPipeline(unet=unet, **components)

@@ -1,0 +1,97 @@
+"""Every frame attends to the first frame, with a relative-position bias chosen by the prompt.
+
+For generation the subject is given in the first frame only (HFA slot 0); where a prompt asks for a direction, frame
+``f`` should show that subject ``f`` steps along it. This layer, after ``conv_in``, lets each token of frame ``f``
+attend to the tokens of frame 0 with logits ``q . k + bias``, where ``bias`` depends on the frame, the offset
+``(dy, dx)`` between the two tokens and the prompt: a learned table per frame and offset, ``base + sum_k g_k * T_k``,
+whose mixing weights ``g`` come from an attention pooling of the text tokens. "Moving left" can then become "frame
+``f`` reads frame 0 at ``dx = +f * speed``", the same features the U-Net gets when a slot holds the subject at its
+place in every frame (as in editing). The output projection starts at zero, so adding the layer to a trained model
+starts from exactly that model's predictions. Not in the paper; an option of
+:class:`~magdiff.models.unet.MagDiffUNetModel` (``first_frame_attention``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FirstFrameAttention(nn.Module):
+    """Attention from every frame's tokens to the first frame's, with a text-chosen relative-position bias.
+
+    Args:
+        channels: feature channels (of ``conv_in``'s output).
+        text_dim: channels of the text tokens.
+        num_heads: attention heads.
+        max_frames: frames the bias table covers.
+        size: ``(h, w)`` the bias table covers offsets for (``2h - 1`` by ``2w - 1``); larger offsets read its edge.
+        num_components: text-mixed bias tables besides the fixed base one.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        text_dim: int,
+        num_heads: int,
+        max_frames: int,
+        size: tuple[int, int],
+        num_components: int = 8,
+    ) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} equal heads.")
+        self.num_heads = num_heads
+        self.size = size
+        self.norm = nn.GroupNorm(1, channels)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(channels, channels, bias=False)
+        self.to_v = nn.Linear(channels, channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+        # Bias tables (1 + num_components, heads, frames, 2h - 1, 2w - 1): index 0 is always on, the rest are mixed by
+        # the prompt. They start at zero: the attention starts uniform and the mixing weights get their gradient.
+        self.bias_tables = nn.Parameter(
+            torch.zeros(1 + num_components, num_heads, max_frames, 2 * size[0] - 1, 2 * size[1] - 1)
+        )
+        self.pool_query = nn.Parameter(torch.zeros(text_dim))  # zero: the pooling starts as the mean token
+        self.to_mix = nn.Linear(text_dim, num_components)
+
+    def mixing_weights(self, text: torch.Tensor) -> torch.Tensor:
+        """(b, n, text_dim) text tokens -> (b, 1 + num_components) weights of the bias tables."""
+        scores = (text @ self.pool_query.to(text.dtype)) / text.shape[-1] ** 0.5  # (b, n)
+        pooled = (scores.softmax(dim=-1)[..., None] * text).sum(dim=1)
+        mix = self.to_mix(pooled)
+        return torch.cat([torch.ones_like(mix[:, :1]), mix], dim=1)
+
+    def position_bias(self, text: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """(b, heads, F * h * w, h * w): the bias of frame ``f``'s token ``(y, x)`` reading frame 0's ``(y', x')``."""
+        if num_frames > self.bias_tables.shape[2]:
+            raise ValueError(f"{num_frames} frames exceed the {self.bias_tables.shape[2]} the bias table covers.")
+        device = self.bias_tables.device
+        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        table_h, table_w = self.size
+        dy = (ys[:, None] - ys[None, :]).clamp(-(table_h - 1), table_h - 1) + table_h - 1  # (hw, hw)
+        dx = (xs[:, None] - xs[None, :]).clamp(-(table_w - 1), table_w - 1) + table_w - 1
+        tables = self.bias_tables[:, :, :num_frames, dy, dx]  # (1 + K, heads, F, hw, hw)
+        bias = torch.einsum("bk,khfij->bhfij", self.mixing_weights(text).to(tables.dtype), tables)
+        return bias.reshape(text.shape[0], self.num_heads, num_frames * height * width, height * width)
+
+    def forward(self, hidden_states: torch.Tensor, text: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``hidden_states``: (b * F, C, h, w) -> the same shape; ``text``: (b, n, text_dim), one per clip."""
+        frames_total, channels, height, width = hidden_states.shape
+        batch = frames_total // num_frames
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        tokens = self.norm(hidden_states).view(batch, num_frames, channels, height * width).transpose(2, 3)
+        query = self.to_q(tokens).reshape(batch, num_frames * height * width, heads, head_dim).transpose(1, 2)
+        first = tokens[:, 0]  # (b, hw, C)
+        key = self.to_k(first).view(batch, height * width, heads, head_dim).transpose(1, 2)
+        value = self.to_v(first).view(batch, height * width, heads, head_dim).transpose(1, 2)
+        bias = self.position_bias(text, num_frames, height, width).to(query.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)  # (b, heads, F*hw, d)
+        out = self.to_out(out.transpose(1, 2).reshape(batch, num_frames, height * width, channels))
+        out = out.transpose(2, 3).reshape(frames_total, channels, height, width)
+        return hidden_states + out
