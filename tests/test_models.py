@@ -364,7 +364,7 @@ def test_first_frame_attention_starts_as_identity_and_the_prompt_chooses_where_f
         layer.to_out.weight.copy_(torch.eye(8))
         layer.to_q.weight.zero_()  # logits = the bias alone
         # Component 1: frame 2 reads frame 0 two places to the left (dx = x - x' = +2), with a strong bias.
-        layer.bias_tables[1, :, 2, 4, 6] = 30.0
+        layer.bias_tables[1, :, 2, 4, 6] = 2.0  # x BIAS_SCALE
     hidden.requires_grad_(True)
     out = layer(hidden, text, num_frames=3)
     weights = layer.mixing_weights(text)
