@@ -532,6 +532,78 @@ def _add_standard_parsers(targets: argparse._SubParsersAction[argparse.ArgumentP
     dreambooth.set_defaults(func=cmd_evaluate_dreambooth)
 
 
+def _trajectory_data(args: argparse.Namespace, size: tuple[int, int], count: int, offset: int):
+    """(captions, paths) of ``count`` clips from the world (seeds from ``offset``) or a manifest (entries from
+    ``offset``)."""
+    import torch
+
+    from .training.trajectory import subject_path
+
+    if args.data == "world":
+        from .data.world import WorldConfig, make_sample
+
+        world = WorldConfig(num_frames=args.num_frames, size=size[0])
+        samples = (make_sample(offset + i, world) for i in range(count))
+    else:
+        from .data.manifest import ManifestDataset
+
+        dataset = ManifestDataset(args.data, num_frames=args.num_frames, size=size)
+        stop = min(len(dataset), offset + count)
+        samples = (dataset[i] for i in range(offset, stop))
+    captions, paths = [], []
+    for sample in samples:
+        captions.append(sample["caption"])
+        paths.append(subject_path(sample["masks"]))
+    if not captions:
+        raise MagDiffInputError(f"No clips to train the trajectory head on in {args.data!r} (from clip {offset}).")
+    return captions, torch.stack(paths)
+
+
+def cmd_train_trajectory(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
+    from .media import write_text_atomically
+    from .pipelines.assembly import save_pipeline_atomically
+    from .training.trajectory import train_trajectory_head
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and out.resolve() != Path(resolve_model(args.model)).resolve():
+        raise MagDiffInputError(f"{out} exists; pass --overwrite to replace it.")
+    args.scheduler, args.dtype = "default", "float32"
+    pipeline = load_pipeline(args)
+    pipeline.set_progress_bar_config(disable=True)
+    size = pipeline.default_size
+    if args.data == "world":
+        captions, paths = _trajectory_data(args, size, args.num_samples, TRAIN_SEED_OFFSET)
+        held_captions, held_paths = _trajectory_data(args, size, args.held_out, EVAL_SEED_OFFSET)
+    else:
+        captions, paths = _trajectory_data(args, size, args.num_samples, 0)
+        held_captions, held_paths = captions[: args.held_out], paths[: args.held_out]
+    print(f"trajectory head: {len(captions)} clips from {args.data}, {args.steps} steps")
+    result = train_trajectory_head(
+        pipeline,
+        captions,
+        paths,
+        held_out_captions=held_captions,
+        held_out_paths=held_paths,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        on_log=lambda record: print(f"step {record['step']:>6}  loss {record['loss']:.6f}  {record['seconds']:.0f} s"),
+    )
+    held = ", ".join(f"{key} {value:.4f}" for key, value in result.held_out.items())
+    print(f"held out ({'world eval split' if args.data == 'world' else 'first training clips'}): {held}")
+    pipeline.register_modules(trajectory=result.head)
+    save_pipeline_atomically(pipeline, out)
+    write_text_atomically(
+        out / "trajectory" / "training_log.json",
+        json.dumps({"data": args.data, "num_samples": len(captions), "log": result.log, "held_out": result.held_out}),
+    )
+    print(f"wrote {out} (with its trajectory head)")
+
+
 def cmd_world_preview(args: argparse.Namespace) -> None:
     from .data.world import render_preview
 
@@ -672,6 +744,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.manifest import add_segment_dataset_parser
 
     add_segment_dataset_parser(commands)
+
+    trajectory = commands.add_parser(
+        "train-trajectory", help="train a pipeline's trajectory head (prompt -> the subject's path) from clip masks"
+    )
+    trajectory.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
+    trajectory.add_argument("--data", default="world", help="'world' or a manifest (JSONL/CSV) with per-frame masks")
+    trajectory.add_argument("--num-samples", type=int, default=8000, help="training clips (default 8000)")
+    trajectory.add_argument("--held-out", type=int, default=200, help="clips scored at the end (default 200)")
+    trajectory.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
+    trajectory.add_argument("--steps", type=int, default=5000)
+    trajectory.add_argument("--batch-size", type=int, default=64)
+    trajectory.add_argument("--learning-rate", type=float, default=1e-3)
+    trajectory.add_argument("--seed", type=int, default=0)
+    trajectory.add_argument("--device", default="auto")
+    trajectory.add_argument("--out", required=True, help="pipeline folder to write (the input one + the head)")
+    trajectory.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    trajectory.set_defaults(func=cmd_train_trajectory)
 
     preview = commands.add_parser("world-preview", help="render a few world samples to a PNG")
     preview.add_argument("--out", required=True)

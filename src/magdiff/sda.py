@@ -3,7 +3,10 @@
 The model has one subject slot per frame. A slot holds a cut-out image (the subject, everything outside its mask
 set to black, -1 in ``[-1, 1]`` pixel space) or is empty (all -1).
 
-* generation: slot 0 holds the cut-out subject, slots 1..F-1 are empty (:func:`generation_slots`);
+* generation: slot 0 holds the cut-out subject, slots 1..F-1 are empty (:func:`generation_slots`); or, with a
+  path for the subject (given, or predicted from the prompt by a
+  :class:`~magdiff.models.trajectory.TrajectoryPredictor`), every slot holds the subject moved along it
+  (:func:`trajectory_slots`);
 * editing: every slot holds its frame's cut-out of the kept region (:func:`editing_slots`); the kept region is the
   subject (the text changes the scene) or its complement (the text changes the subject);
 * training: :func:`random_slot_filling` mixes the paper's first-frame setting with all-filled and subset fillings.
@@ -28,7 +31,9 @@ __all__ = [
     "editing_slots",
     "empty_slots",
     "generation_slots",
+    "fit_path_to_frame",
     "random_slot_filling",
+    "trajectory_slots",
 ]
 
 #: Pixel value of an empty slot / of everything outside a cut-out (black in ``[-1, 1]``).
@@ -126,6 +131,54 @@ def generation_slots(
     slots[0] = cut_out(subject_image, subject_mask)
     filled = torch.zeros(num_frames, dtype=torch.bool, device=subject_image.device)
     filled[0] = True
+    return slots, filled
+
+
+def _translate(image: torch.Tensor, dx: int, dy: int, fill: float) -> torch.Tensor:
+    """(C, H, W) moved ``dx`` pixels right and ``dy`` down; what enters from the border is ``fill``."""
+    height, width = image.shape[-2:]
+    out = torch.full_like(image, fill)
+    if abs(dx) >= width or abs(dy) >= height:
+        return out
+    src_y, dst_y = slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx))
+    out[:, dst_y, dst_x] = image[:, src_y, src_x]
+    return out
+
+
+def fit_path_to_frame(path: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+    """Clamp a path of whole-pixel ``(dx, dy)`` displacements (F, 2) so that the subject's bounding box stays inside
+    the frame in every frame (a path that would carry it out stops at the border)."""
+    ys, xs = torch.nonzero(subject_mask[0] > 0.5, as_tuple=True)
+    if ys.numel() == 0:
+        raise MagDiffInputError("the subject mask is empty: there is no subject to move along a path.")
+    height, width = subject_mask.shape[-2:]
+    dx = path[:, 0].clamp(-int(xs.min()), width - 1 - int(xs.max()))
+    dy = path[:, 1].clamp(-int(ys.min()), height - 1 - int(ys.max()))
+    return torch.stack([dx, dy], dim=1)
+
+
+def trajectory_slots(
+    subject_image: torch.Tensor, subject_mask: torch.Tensor, path: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation along a path: slot ``f`` = the cut-out subject moved by ``path[f]``, every slot filled.
+
+    Args:
+        subject_image: ``(3, H, W)`` in ``[-1, 1]``.
+        subject_mask: ``(1, H, W)`` in ``{0, 1}``, not empty.
+        path: ``(F, 2)`` whole-pixel displacements ``(dx, dy)`` (x right, y down) of the subject in each frame
+            relative to its place in the image; clamped by :func:`fit_path_to_frame` so the subject stays inside.
+
+    Returns:
+        ``slots (F, 3, H, W)`` and ``filled (F,)`` (all true).
+    """
+    if not isinstance(path, torch.Tensor) or path.ndim != 2 or path.shape[1] != 2 or path.shape[0] < 1:
+        shape = tuple(path.shape) if isinstance(path, torch.Tensor) else type(path).__name__
+        raise MagDiffInputError(f"a subject path must be (F, 2) whole-pixel (dx, dy) displacements, got {shape}.")
+    first, _ = generation_slots(subject_image, subject_mask, 1)
+    path = fit_path_to_frame(path.long().cpu(), subject_mask.cpu())
+    slots = torch.stack([_translate(first[0], int(dx), int(dy), EMPTY_VALUE) for dx, dy in path.tolist()])
+    filled = torch.ones(path.shape[0], dtype=torch.bool, device=subject_image.device)
     return slots, filled
 
 

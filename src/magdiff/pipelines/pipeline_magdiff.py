@@ -1,7 +1,8 @@
 """One pipeline for both MagDiff tasks.
 
 - **Generation**: ``prompt`` + ``subject_image`` (+ ``subject_mask``) -> a video; subject slot 0 holds the cut-out
-  subject, slots 1..F-1 are empty.
+  subject, slots 1..F-1 are empty (the paper), or, when the pipeline has a ``trajectory`` head (or a path is given),
+  every slot holds the subject moved along the path the prompt asks for.
 - **Editing**: ``prompt`` + ``video`` (+ ``video_masks``) -> an edited video; every slot holds its frame's cut-out of
   the kept region (the subject, or with ``keep="background"`` everything but the subject).
 
@@ -31,8 +32,9 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisi
 from ..errors import MagDiffInputError
 from ..inversion import check_invertible, ddim_invert
 from ..models.hfa import pyramid_sizes
+from ..models.trajectory import TrajectoryPredictor, trajectory_to_pixels
 from ..models.unet import MagDiffUNetModel, SubjectConditioning
-from ..sda import editing_slots, empty_slots, generation_slots
+from ..sda import editing_slots, empty_slots, fit_path_to_frame, generation_slots, trajectory_slots
 from .inputs import (
     ImageInput,
     VideoInput,
@@ -45,6 +47,7 @@ from .inputs import (
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 KEEP_MODES = ("subject", "background")
+TRAJECTORY_MODES = ("auto", "off")
 # CLIP pixel normalisation (OpenAI CLIP and OpenCLIP ViT-H/14 share it).
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,13 +61,18 @@ class MagDiffPipelineOutput(BaseOutput):
         frames: the videos: a list (one per video) of lists of PIL images (``output_type="pil"``), an array
             (b, F, H, W, 3) in [0, 1] (``"np"``), a tensor (b, F, 3, H, W) in [0, 1] (``"pt"``), or the final latents
             (b, c, F, h, w) (``"latent"``).
-        subject_slots: the F subject slots the model was conditioned on, (F, 3, H, W) in [-1, 1].
-        filled_slots: (F,) bool, which slots hold a subject (generation: slot 0 only; editing: all).
+        subject_slots: the F subject slots the model was conditioned on, (F, 3, H, W) in [-1, 1]; (b, F, 3, H, W)
+            when the videos' subject paths differ (several prompts asking for different motions).
+        filled_slots: (F,) bool, which slots hold a subject (generation: slot 0 only, or all along a path; editing:
+            all).
+        trajectory: generation along a path: (b, F, 2) whole-pixel ``(dx, dy)`` of the subject in every frame of
+            every video, relative to its place in the subject image; ``None`` otherwise.
     """
 
     frames: list[list[PIL.Image.Image]] | np.ndarray | torch.Tensor
     subject_slots: torch.Tensor
     filled_slots: torch.Tensor
+    trajectory: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------- the pipeline
@@ -87,9 +95,13 @@ class MagDiffPipeline(DiffusionPipeline):
         scheduler: any diffusers scheduler (DDIM by default).
         image_encoder: CLIP vision tower whose hidden states (all tokens) feed the Resampler. Subject images are
             resized to its ``image_size`` and normalised with CLIP's mean and std in torch (no image processor).
+        trajectory: optional :class:`~magdiff.models.trajectory.TrajectoryPredictor`: reads the prompt and places
+            the subject of generation in every slot along the path it predicts. Without it, generation is the
+            paper's (slot 0 only).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["trajectory"]
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
     def __init__(
@@ -100,6 +112,7 @@ class MagDiffPipeline(DiffusionPipeline):
         unet: MagDiffUNetModel,
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection,
+        trajectory: TrajectoryPredictor | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -109,6 +122,7 @@ class MagDiffPipeline(DiffusionPipeline):
             unet=unet,
             scheduler=scheduler,
             image_encoder=image_encoder,
+            trajectory=trajectory,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.video_processor = VideoProcessor(do_resize=False, vae_scale_factor=self.vae_scale_factor)
@@ -284,36 +298,87 @@ class MagDiffPipeline(DiffusionPipeline):
         keep: str = "subject",
         segmenter: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The F subject slots (F, 3, H, W) and which are filled (F,), from a subject (generation), a source video
-        (editing) or nothing (text-only: all slots empty)."""
+        """The F subject slots (F, 3, H, W) and which are filled (F,), from a subject (generation: slot 0), a source
+        video (editing) or nothing (text-only: all slots empty)."""
         if subject_image is not None:
-            mask = subject_mask
-            if mask is None and isinstance(subject_image, PIL.Image.Image) and "A" in subject_image.getbands():
-                alpha = subject_image.getchannel("A")
-                if alpha.getextrema()[0] < 255:  # a fully opaque alpha cuts nothing out: segment instead
-                    mask = alpha.point(lambda value: 255 if value > 127 else 0)
-            if mask is None:
-                mask = self._segment_image(subject_image, segmenter)
-            if hasattr(mask, "shape") or isinstance(mask, PIL.Image.Image):
-                image_size = spatial_size(subject_image)
-                mask_size = spatial_size(mask)
-                if image_size != mask_size:
-                    raise MagDiffInputError(
-                        f"The subject mask is {mask_size[1]}x{mask_size[0]} but the subject image "
-                        f"is {image_size[1]}x{image_size[0]}; give a mask of the image's size."
-                    )
-            image = image_to_tensor(subject_image, size, "subject_image")
-            mask_tensor = mask_to_tensor(mask, size, "subject_mask")
-            if mask_tensor.sum() == 0:
-                raise MagDiffInputError(
-                    "The subject mask is empty (no pixel marks the subject); give a mask or an "
-                    "RGBA image whose alpha covers the subject."
-                )
+            image, mask_tensor = self.prepare_subject(subject_image, size, subject_mask, segmenter)
             return generation_slots(image, mask_tensor, num_frames)
         if video is not None:
             frames, masks = self.prepare_source_video(video, video_masks, num_frames, size, segmenter)
             return editing_slots(frames, masks, keep=keep)
         return empty_slots(num_frames, *size), torch.zeros(num_frames, dtype=torch.bool)
+
+    def prepare_subject(
+        self,
+        subject_image: ImageInput,
+        size: tuple[int, int],
+        subject_mask: ImageInput | None = None,
+        segmenter: Callable | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subject image (3, H, W) in [-1, 1] and its mask (1, H, W) at the video size: the given mask, else the
+        image's alpha, else ``segmenter``'s."""
+        mask = subject_mask
+        if mask is None and isinstance(subject_image, PIL.Image.Image) and "A" in subject_image.getbands():
+            alpha = subject_image.getchannel("A")
+            if alpha.getextrema()[0] < 255:  # a fully opaque alpha cuts nothing out: segment instead
+                mask = alpha.point(lambda value: 255 if value > 127 else 0)
+        if mask is None:
+            mask = self._segment_image(subject_image, segmenter)
+        if hasattr(mask, "shape") or isinstance(mask, PIL.Image.Image):
+            image_size = spatial_size(subject_image)
+            mask_size = spatial_size(mask)
+            if image_size != mask_size:
+                raise MagDiffInputError(
+                    f"The subject mask is {mask_size[1]}x{mask_size[0]} but the subject image "
+                    f"is {image_size[1]}x{image_size[0]}; give a mask of the image's size."
+                )
+        image = image_to_tensor(subject_image, size, "subject_image")
+        mask_tensor = mask_to_tensor(mask, size, "subject_mask")
+        if mask_tensor.sum() == 0:
+            raise MagDiffInputError(
+                "The subject mask is empty (no pixel marks the subject); give a mask or an "
+                "RGBA image whose alpha covers the subject."
+            )
+        return image, mask_tensor
+
+    def resolve_trajectory(
+        self,
+        trajectory: str | Sequence[Sequence[float]] | torch.Tensor | np.ndarray,
+        prompts: list[str],
+        num_frames: int,
+        size: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """The subject's path for each prompt, (b, F, 2) whole pixels ``(dx, dy)``, or ``None`` for the paper's
+        slot-0-only generation.
+
+        ``"auto"``: predicted from each prompt by the ``trajectory`` head when the pipeline has one, else ``None``;
+        ``"off"``: ``None``; an (F, 2) array: that path (pixels) for every prompt."""
+        if isinstance(trajectory, str):
+            if trajectory not in TRAJECTORY_MODES:
+                raise MagDiffInputError(
+                    f"`trajectory` must be one of {TRAJECTORY_MODES} or an (F, 2) array of (dx, dy) pixel offsets, "
+                    f"got {trajectory!r}."
+                )
+            if trajectory == "off" or self.trajectory is None:
+                return None
+            device = self._execution_device
+            with torch.no_grad():
+                path = self.trajectory(self.encode_prompt(prompts, device), num_frames)
+            return trajectory_to_pixels(path.float().cpu(), *size)
+        try:
+            path = torch.as_tensor(np.asarray(trajectory, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise MagDiffInputError(
+                f"`trajectory` must be an (F, 2) array of numbers ((dx, dy) pixels per frame): {error}"
+            ) from None
+        if path.shape != (num_frames, 2):
+            raise MagDiffInputError(
+                f"`trajectory` must give one (dx, dy) pixel offset per frame, shape ({num_frames}, 2), got "
+                f"{tuple(path.shape)}."
+            )
+        if not bool(torch.isfinite(path).all()):
+            raise MagDiffInputError("`trajectory` holds a NaN or an infinite offset; give finite (dx, dy) pixels.")
+        return torch.round(path).long()[None].repeat(len(prompts), 1, 1)
 
     def prepare_source_video(
         self,
@@ -491,6 +556,7 @@ class MagDiffPipeline(DiffusionPipeline):
         segmenter: Callable | None = None,
         invert: bool = False,
         source_prompt: str = "",
+        trajectory: str | Sequence[Sequence[float]] | torch.Tensor | np.ndarray = "auto",
     ) -> MagDiffPipelineOutput | tuple:
         r"""Generate (with ``subject_image``) or edit (with ``video``) a video.
 
@@ -524,6 +590,11 @@ class MagDiffPipeline(DiffusionPipeline):
             invert: editing only: start from the DDIM inversion of the source video (:meth:`invert`) instead of
                 ``latents``/random noise, so that motion and layout follow the source more closely. Needs DDIM.
             source_prompt: the prompt the inversion is conditioned on (default: empty, i.e. unconditional).
+            trajectory: generation only: where the subject goes. ``"auto"`` (default): along the path the
+                pipeline's ``trajectory`` head reads from each prompt, every slot holding the subject moved along
+                it; the paper's slot-0-only conditioning when the pipeline has no head. ``"off"``: the paper's. An
+                (F, 2) array: the subject's whole-pixel ``(dx, dy)`` in every frame relative to its place in the
+                subject image (frame 0 usually ``(0, 0)``), clamped so it stays inside the frame.
         """
         # 0. Defaults and checks
         default_height, default_width = self.default_size
@@ -566,18 +637,40 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError("Give either `latents` or `invert=True`: inversion computes the initial latents.")
         if invert:
             check_invertible(self.scheduler)
+        if isinstance(trajectory, str) and trajectory not in TRAJECTORY_MODES:
+            raise MagDiffInputError(
+                f"`trajectory` must be one of {TRAJECTORY_MODES} or an (F, 2) array of (dx, dy) pixel offsets, "
+                f"got {trajectory!r}."
+            )
+        if not isinstance(trajectory, str) and subject_image is None:
+            raise MagDiffInputError(
+                "`trajectory` places the subject of generation; give `subject_image`, or leave `trajectory` as "
+                "'auto' (an edit follows its source video)."
+            )
 
         # 1. Subject slots (SDA): slot 0 for generation, every slot for editing
+        #    (or, along a path, every slot for generation too: one slot set per distinct path)
         source_frames = None
+        paths = None
         if video is not None:
             source_frames, source_masks = self.prepare_source_video(
                 video, video_masks, num_frames, (height, width), segmenter
             )
-            slots, filled = editing_slots(source_frames, source_masks, keep=keep)
+            slot_sets = [editing_slots(source_frames, source_masks, keep=keep)]
+        elif subject_image is not None:
+            image, mask = self.prepare_subject(subject_image, (height, width), subject_mask, segmenter)
+            paths = self.resolve_trajectory(trajectory, prompts, num_frames, (height, width))
+            if paths is None:
+                slot_sets = [generation_slots(image, mask, num_frames)]
+            else:
+                slot_sets = [trajectory_slots(image, mask, path) for path in paths]
+                paths = torch.stack([fit_path_to_frame(path, mask) for path in paths])
         else:
-            slots, filled = self.prepare_subject_slots(
-                num_frames, (height, width), subject_image, subject_mask, segmenter=segmenter
-            )
+            slot_sets = [self.prepare_subject_slots(num_frames, (height, width))]
+        slot_of_video = list(range(len(slot_sets))) if len(slot_sets) > 1 else [0] * batch_size
+        if paths is not None:  # videos whose prompts ask for the same path share one slot set
+            distinct: dict[tuple, int] = {}
+            slot_of_video = [distinct.setdefault(tuple(path.flatten().tolist()), i) for i, path in enumerate(paths)]
 
         # 2. Text tokens
         text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
@@ -586,10 +679,16 @@ class MagDiffPipeline(DiffusionPipeline):
         )
 
         # 3. Subject encodings: image tokens (APA) and the HFA latent pyramid, once for all steps
-        subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        single_subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size)
-        subject = single_subject.repeat(batch_size)
+        encoded: dict[int, SubjectConditioning] = {}
+        for index in sorted(set(slot_of_video)):
+            set_embeds, set_latents = self.encode_subject_slots(*slot_sets[index], (height, width))
+            encoded[index] = self.unet.encode_subject(set_embeds, set_latents, latent_size)
+        single_subject = encoded[slot_of_video[0]]
+        subject = SubjectConditioning.cat([encoded[index] for index in slot_of_video])
+        slots, filled = slot_sets[slot_of_video[0]]
+        if len(set(slot_of_video)) > 1:
+            slots = torch.stack([slot_sets[index][0] for index in slot_of_video])
         empty_subject = None
         if do_image_guidance:
             empty = empty_slots(num_frames, height, width)
@@ -646,7 +745,7 @@ class MagDiffPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (frames, slots, filled)
-        return MagDiffPipelineOutput(frames=frames, subject_slots=slots, filled_slots=filled)
+        return MagDiffPipelineOutput(frames=frames, subject_slots=slots, filled_slots=filled, trajectory=paths)
 
     @staticmethod
     def _combine_guidance(
