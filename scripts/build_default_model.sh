@@ -2,8 +2,9 @@
 # Reproduce the packaged default model from scratch on CPU (see docs/default_model.md for times and figures).
 #   1. the world VAE (factor 4, 64x64 px -> 16x16 latents)
 #   2. the MagDiff U-Net on 2,000 cached world clips, two processes (torchrun, gloo), resumable
-#   3. the world benchmark on 200 held-out clips, two shards of 100 in parallel, merged
-#   4. copy the exported pipeline into the package
+#   3. the trajectory head (prompt -> the subject's path) on the exported pipeline's text encoder (about a minute)
+#   4. the world benchmark on 200 held-out clips, two shards of 100 in parallel, merged
+#   5. copy the exported pipeline into the package
 # Re-running continues an interrupted step 2 from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ RESUME=()
 if ls "$RUN"/checkpoints/step_* >/dev/null 2>&1; then RESUME=(--resume latest); fi
 .venv/bin/torchrun --nproc_per_node 2 -m magdiff.cli train --preset world --output-dir "$RUN" \
   --set vae="$VAE" --set batch_size=4 --set max_steps="$STEPS" "${RESUME[@]}"
+$PY -m magdiff.cli train-trajectory --model "$RUN/model" --out "$RUN/model"
 for FIRST in 0 100; do
   OMP_NUM_THREADS=1 $PY -m magdiff.cli evaluate world --model "$RUN/model" --num-samples 100 --first-sample "$FIRST" \
     --out "$RUN/benchmark_$FIRST.json" > "$RUN/benchmark_$FIRST.log" 2>&1 &

@@ -71,7 +71,7 @@ def _device(name: str) -> str:
     return "cpu"
 
 
-def load_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
+def load_pipeline(args: argparse.Namespace, **components: object):  # -> MagDiffPipeline
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -85,7 +85,7 @@ def load_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
     diffusers_logging.disable_progress_bar()
     model = resolve_model(args.model)
     dtype = getattr(torch, args.dtype)
-    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
+    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True, **components)
     pipeline.to(_device(args.device))
     pipeline.set_progress_bar_config(disable=False, desc="denoising", leave=True)
     if args.scheduler != "default":
@@ -154,7 +154,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     height, width = _size(args, pipeline)
     subject = load_subject(args.subject, mask_path=args.subject_mask, segmenter=segmenter, size=(height, width))
     args.height, args.width = height, width
-    _run_and_save(pipeline, args, fmt, subject_image=subject.image, subject_mask=subject.mask)
+    trajectory = _trajectory_option(args.trajectory)
+    _run_and_save(pipeline, args, fmt, subject_image=subject.image, subject_mask=subject.mask, trajectory=trajectory)
+
+
+def _trajectory_option(value: str):
+    """``--trajectory``: 'auto', 'off', inline JSON ``[[dx, dy], ...]`` or a JSON file holding that list."""
+    import json
+
+    if value in ("auto", "off"):
+        return value
+    text = value
+    if not value.lstrip().startswith("["):
+        path = Path(value)
+        if not path.is_file():
+            raise MagDiffInputError(
+                f"--trajectory {value!r} is neither 'auto', 'off', a JSON list [[dx, dy], ...] nor a JSON file."
+            )
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MagDiffInputError(f"--trajectory is not valid JSON ({error}); give [[dx, dy], ...] in pixels.") from None
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -266,6 +287,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         first_sample=args.first_sample,
         per_sample=per_sample,
         subject_input=args.subject_input,
+        trajectory=args.trajectory,
     )
     width = max(len(key) for key in results)
     for key, value in results.items():
@@ -279,6 +301,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
             "steps": args.steps,
             "guidance_scale": args.guidance_scale,
             "seed": args.seed,
+            "trajectory": args.trajectory,
             "results": results,
             "per_sample": per_sample,
         }
@@ -533,27 +556,37 @@ def _add_standard_parsers(targets: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _trajectory_data(args: argparse.Namespace, size: tuple[int, int], count: int, offset: int):
-    """(captions, paths) of ``count`` clips from the world (seeds from ``offset``) or a manifest (entries from
-    ``offset``)."""
+    """(captions, paths) of ``count`` clips from the world (seeds from ``offset``; with ``--made-up-subjects``, some
+    again with made-up subject words) or from a manifest (entries from ``offset``)."""
     import torch
 
-    from .training.trajectory import subject_path
+    from .training.trajectory import random_subject_words, subject_path
 
+    captions: list[str] = []
+    paths: list[torch.Tensor] = []
     if args.data == "world":
-        from .data.world import WorldConfig, make_sample
+        from .data.world import WorldConfig, caption_for, make_sample
 
-        world = WorldConfig(num_frames=args.num_frames, size=size[0])
-        samples = (make_sample(offset + i, world) for i in range(count))
+        world = WorldConfig(num_frames=args.num_frames)  # 64 px: paths are fractions of the frame, any size will do
+        metas = []
+        for i in range(count):
+            sample = make_sample(offset + i, world)
+            captions.append(sample["caption"])
+            paths.append(subject_path(sample["masks"]))
+            metas.append(sample["meta"])
+        # The world has few subject words; made-up ones teach the head that they do not decide the path.
+        generator = torch.Generator().manual_seed(offset)
+        for i in range(round(args.made_up_subjects * count)):
+            captions.append(caption_for({**metas[i], "subject_words": random_subject_words(generator)}))
+            paths.append(paths[i])
     else:
         from .data.manifest import ManifestDataset
 
         dataset = ManifestDataset(args.data, num_frames=args.num_frames, size=size)
-        stop = min(len(dataset), offset + count)
-        samples = (dataset[i] for i in range(offset, stop))
-    captions, paths = [], []
-    for sample in samples:
-        captions.append(sample["caption"])
-        paths.append(subject_path(sample["masks"]))
+        for i in range(offset, min(len(dataset), offset + count)):
+            sample = dataset[i]
+            captions.append(sample["caption"])
+            paths.append(subject_path(sample["masks"]))
     if not captions:
         raise MagDiffInputError(f"No clips to train the trajectory head on in {args.data!r} (from clip {offset}).")
     return captions, torch.stack(paths)
@@ -565,41 +598,49 @@ def cmd_train_trajectory(args: argparse.Namespace) -> None:
     from .data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
     from .media import write_text_atomically
     from .pipelines.assembly import save_pipeline_atomically
-    from .training.trajectory import train_trajectory_head
+    from .training.trajectory import evaluate_trajectory_head, train_trajectory_head
 
     out = Path(args.out)
     if out.exists() and not args.overwrite and out.resolve() != Path(resolve_model(args.model)).resolve():
         raise MagDiffInputError(f"{out} exists; pass --overwrite to replace it.")
     args.scheduler, args.dtype = "default", "float32"
-    pipeline = load_pipeline(args)
+    pipeline = load_pipeline(args, trajectory=None)  # a head already there is replaced, whatever its shape
     pipeline.set_progress_bar_config(disable=True)
     size = pipeline.default_size
     if args.data == "world":
         captions, paths = _trajectory_data(args, size, args.num_samples, TRAIN_SEED_OFFSET)
         held_captions, held_paths = _trajectory_data(args, size, args.held_out, EVAL_SEED_OFFSET)
+        held_out = {
+            "world eval split": slice(0, args.held_out),
+            "same, made-up subject words": slice(args.held_out, None),
+        }
     else:
         captions, paths = _trajectory_data(args, size, args.num_samples, 0)
-        held_captions, held_paths = captions[: args.held_out], paths[: args.held_out]
+        held_captions, held_paths = captions, paths
+        held_out = {"first training clips": slice(0, args.held_out)}
     print(f"trajectory head: {len(captions)} clips from {args.data}, {args.steps} steps")
     result = train_trajectory_head(
         pipeline,
         captions,
         paths,
-        held_out_captions=held_captions,
-        held_out_paths=held_paths,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
         on_log=lambda record: print(f"step {record['step']:>6}  loss {record['loss']:.6f}  {record['seconds']:.0f} s"),
     )
-    held = ", ".join(f"{key} {value:.4f}" for key, value in result.held_out.items())
-    print(f"held out ({'world eval split' if args.data == 'world' else 'first training clips'}): {held}")
+    scores: dict[str, dict[str, float]] = {}
+    for name, part in held_out.items():
+        if not held_captions[part]:
+            continue
+        figures = evaluate_trajectory_head(pipeline, result.head, held_captions[part], held_paths[part])
+        scores[name] = figures
+        print(f"held out ({name}): " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()))
     pipeline.register_modules(trajectory=result.head)
     save_pipeline_atomically(pipeline, out)
     write_text_atomically(
         out / "trajectory" / "training_log.json",
-        json.dumps({"data": args.data, "num_samples": len(captions), "log": result.log, "held_out": result.held_out}),
+        json.dumps({"data": args.data, "num_samples": len(captions), "log": result.log, "held_out": scores}),
     )
     print(f"wrote {out} (with its trajectory head)")
 
@@ -656,6 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="subject image: PNG with alpha, or RGB with --subject-mask, or RGB alone (segmented)",
     )
     generate.add_argument("--subject-mask", default=None, help="mask image of the subject (white = subject)")
+    generate.add_argument(
+        "--trajectory",
+        default="auto",
+        help="where the subject goes: auto (the model's trajectory head reads the prompt; default), off (the "
+        "paper's slot-0-only generation), or [[dx, dy], ...] pixels per frame, inline or in a JSON file",
+    )
     _add_sampling_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
@@ -733,6 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="segmented",
         help="generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)",
     )
+    world.add_argument(
+        "--trajectory",
+        choices=("auto", "off"),
+        default="auto",
+        help="generation along the model's trajectory head (auto, default) or the paper's slot 0 only (off)",
+    )
     world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
     world.add_argument("--out", default=None, help="write the results as JSON here")
     world.add_argument("--device", default="auto")
@@ -753,6 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
     trajectory.add_argument("--num-samples", type=int, default=8000, help="training clips (default 8000)")
     trajectory.add_argument("--held-out", type=int, default=200, help="clips scored at the end (default 200)")
     trajectory.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
+    trajectory.add_argument(
+        "--made-up-subjects",
+        type=float,
+        default=1.0,
+        help="world only: add this fraction of the clips again with made-up subject words (default 1.0)",
+    )
     trajectory.add_argument("--steps", type=int, default=5000)
     trajectory.add_argument("--batch-size", type=int, default=64)
     trajectory.add_argument("--learning-rate", type=float, default=1e-3)

@@ -30,8 +30,8 @@ __all__ = [
     "cut_out",
     "editing_slots",
     "empty_slots",
-    "generation_slots",
     "fit_path_to_frame",
+    "generation_slots",
     "random_slot_filling",
     "trajectory_slots",
 ]

@@ -67,6 +67,7 @@ def evaluate_world(
     first_sample: int = 0,
     per_sample: list[dict[str, Any]] | None = None,
     subject_input: str = "segmented",
+    trajectory: str = "auto",
 ) -> dict[str, float]:
     """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
 
@@ -74,7 +75,8 @@ def evaluate_world(
     so shards of the range give exactly the scores of one run over it. ``per_sample``, when given, receives one
     record per clip and task (for merging shards or looking at failures). ``subject_input="whole"`` gives
     generation the whole first frame as its subject (for models trained on uncut subjects); fidelity is still
-    scored against the cut-out subject."""
+    scored against the cut-out subject. ``trajectory`` is the pipeline's option for generation: ``"auto"`` (its
+    trajectory head, when it has one) or ``"off"`` (the paper's slot-0-only generation)."""
     if subject_input not in ("segmented", "whole"):
         raise ValueError(f"subject_input must be 'segmented' or 'whole', got {subject_input!r}.")
     unknown = set(tasks) - set(TASKS)
@@ -105,6 +107,7 @@ def evaluate_world(
                 subject_image=given_image,
                 subject_mask=given_mask,
                 generator=torch.Generator().manual_seed(seed + index),
+                trajectory=trajectory,
                 **settings,
             )
             video = _video(out.frames)
@@ -157,7 +160,7 @@ def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Every shard must have been run with the same settings; overlapping clips are an error."""
     if not shards:
         raise ValueError("No benchmark shards to merge.")
-    settings = ("steps", "guidance_scale", "seed")
+    settings = ("steps", "guidance_scale", "seed", "trajectory")
     for shard in shards[1:]:
         for key in settings:
             if shard.get(key) != shards[0].get(key):

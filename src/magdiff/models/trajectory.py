@@ -27,28 +27,36 @@ __all__ = ["TrajectoryPredictor", "trajectory_to_pixels"]
 class TrajectoryPredictor(ModelMixin, ConfigMixin):
     """Text tokens -> the subject's per-frame displacement.
 
-    A learned query attends over the prompt's tokens (every token, padding included: a causal CLIP's padding tokens
-    have read the whole prompt), and an MLP maps what it read to ``max_frames - 1`` displacements.
+    ``num_queries`` learned queries attend over the prompt's tokens (every token, padding included: a causal CLIP's
+    padding tokens have read the whole prompt), and an MLP maps what they read to ``max_frames - 1`` displacements.
 
     Args:
         text_dim: channels of the text encoder's tokens.
         hidden_dim: width of the pooling attention and the MLP.
-        num_heads: heads of the pooling attention.
+        num_heads: attention heads.
+        num_queries: learned pooling queries.
         max_frames: the most frames a path can have.
     """
 
     @register_to_config
-    def __init__(self, text_dim: int = 768, hidden_dim: int = 128, num_heads: int = 4, max_frames: int = 16) -> None:
+    def __init__(
+        self,
+        text_dim: int = 768,
+        hidden_dim: int = 128,
+        num_heads: int = 4,
+        num_queries: int = 1,
+        max_frames: int = 16,
+    ) -> None:
         super().__init__()
         if max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, got {max_frames}.")
         self.norm_in = nn.LayerNorm(text_dim)
         self.proj_in = nn.Linear(text_dim, hidden_dim)
-        self.query = nn.Parameter(torch.randn(1, 1, hidden_dim) * hidden_dim**-0.5)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, hidden_dim) * hidden_dim**-0.5)
         self.attention = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
         self.head = nn.Sequential(
-            nn.LayerNorm(hidden_dim),
-            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(num_queries * hidden_dim),
+            nn.Linear(num_queries * hidden_dim, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, 2 * (max_frames - 1)),
         )
@@ -66,9 +74,9 @@ class TrajectoryPredictor(ModelMixin, ConfigMixin):
                 f"This trajectory head predicts paths of 1 to {max_frames} frames, not {num_frames}."
             )
         tokens = self.proj_in(self.norm_in(text_embeds.to(self.dtype)))
-        query = self.query.expand(tokens.shape[0], -1, -1)
-        pooled, _ = self.attention(query, tokens, tokens, need_weights=False)
-        later = self.head(pooled[:, 0]).view(-1, max_frames - 1, 2)
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        pooled, _ = self.attention(queries, tokens, tokens, need_weights=False)
+        later = self.head(pooled.flatten(1)).view(-1, max_frames - 1, 2)
         path = torch.cat([later.new_zeros(later.shape[0], 1, 2), later], dim=1)
         return path[:, :num_frames]
 

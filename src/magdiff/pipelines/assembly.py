@@ -139,6 +139,9 @@ def save_pipeline_atomically(pipeline: MagDiffPipeline, output_dir: str | os.Pat
     output_path = Path(output_dir)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; the saved model gets the usual permissions
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         if output_path.exists():

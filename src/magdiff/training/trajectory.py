@@ -29,6 +29,7 @@ __all__ = [
     "encode_captions",
     "evaluate_trajectory_head",
     "path_direction",
+    "random_subject_words",
     "subject_path",
     "train_trajectory_head",
 ]
@@ -60,6 +61,18 @@ def path_direction(dx: float, dy: float, still_threshold: float) -> str:
     if abs(dx) >= abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
+
+
+def random_subject_words(generator: torch.Generator) -> str:
+    """One or two made-up lower-case words (2 to 8 letters each): stand-ins for subject words a caption set never
+    uses, so a head trained with them learns that the subject's words do not say where it goes."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    count = int(torch.randint(1, 3, (), generator=generator))
+    words = []
+    for _ in range(count):
+        length = int(torch.randint(2, 9, (), generator=generator))
+        words.append("".join(letters[int(i)] for i in torch.randint(0, len(letters), (length,), generator=generator)))
+    return " ".join(words)
 
 
 @torch.no_grad()
@@ -139,7 +152,7 @@ def train_trajectory_head(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        running += float(loss)
+        running += float(loss.detach())
         if step % log_every == 0 or step == steps:
             count = log_every if step % log_every == 0 else step % log_every
             record = {"step": step, "loss": running / count, "seconds": time.perf_counter() - start}
