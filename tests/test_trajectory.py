@@ -358,3 +358,29 @@ def test_train_trajectory_command_on_the_world_and_on_a_manifest(saved_tiny_mode
     assert "2 clips from" in printed and "direction_accuracy 1.0000" in printed
     missing = ["train-trajectory", "--model", str(saved_tiny_model), "--data", str(tmp_path / "none.jsonl")]
     assert cli([*missing, "--out", str(tmp_path / "x")]) == 2
+
+
+def test_generate_command_takes_a_path_inline_or_from_a_file(saved_tiny_model, tmp_path, capsys):
+    from PIL import Image
+
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 220
+    rgba[8:16, 8:16, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "subject.png")
+    base = ["generate", "--model", str(saved_tiny_model), "--subject", str(tmp_path / "subject.png"), "--prompt", "x"]
+    base += ["--num-frames", "3", "--steps", "1", "--seed", "0"]
+    (tmp_path / "path.json").write_text("[[0, 0], [2, 0], [4, 1]]")
+    for option in ("[[0, 0], [1, 1], [2, 2]]", str(tmp_path / "path.json"), "off", "auto"):
+        out = tmp_path / "out.gif"
+        assert cli([*base, "--trajectory", option, "--out", str(out)]) == 0, option
+        assert out.is_file()
+        out.unlink()
+    capsys.readouterr()
+    for option, phrase in (
+        ("sideways", "neither 'auto', 'off'"),
+        ("[[0, 0], [1,", "not valid JSON"),
+        ("[[0, 0], [1, 1]]", "shape (3, 2)"),
+    ):
+        assert cli([*base, "--trajectory", option, "--out", str(tmp_path / "bad.gif")]) == 2
+        assert phrase in capsys.readouterr().err
+        assert not (tmp_path / "bad.gif").exists()

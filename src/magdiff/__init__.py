@@ -16,6 +16,7 @@ _EXPORTS = {
     "MagDiffUNetModel": "magdiff.models.unet",
     "APAAttnProcessor": "magdiff.models.attention",
     "HFAPyramidFusion": "magdiff.models.hfa",
+    "TrajectoryPredictor": "magdiff.models.trajectory",
     "configure_trainable_parameters": "magdiff.models.unet",
     "trainable_parameter_names": "magdiff.models.unet",
     "assemble_magdiff": "magdiff.pipelines.assembly",
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .errors import MagDiffInputError
     from .models.attention import APAAttnProcessor
     from .models.hfa import HFAPyramidFusion
+    from .models.trajectory import TrajectoryPredictor
     from .models.unet import MagDiffUNetModel, configure_trainable_parameters, trainable_parameter_names
     from .pipelines.assembly import assemble_magdiff
     from .pipelines.pipeline_magdiff import MagDiffPipeline, MagDiffPipelineOutput
@@ -44,6 +46,7 @@ __all__ = [
     "MagDiffPipeline",
     "MagDiffPipelineOutput",
     "MagDiffUNetModel",
+    "TrajectoryPredictor",
     "assemble_magdiff",
     "configure_trainable_parameters",
     "trainable_parameter_names",

@@ -2,6 +2,7 @@
 
 from .attention import APA_MODES, APAAttnProcessor
 from .hfa import HFA_MODES, HFAPyramidFusion, pyramid_sizes
+from .trajectory import TrajectoryPredictor
 from .unet import (
     MagDiffUNetModel,
     SubjectConditioning,
@@ -16,6 +17,7 @@ __all__ = [
     "HFAPyramidFusion",
     "MagDiffUNetModel",
     "SubjectConditioning",
+    "TrajectoryPredictor",
     "configure_trainable_parameters",
     "pyramid_sizes",
     "trainable_parameter_names",

@@ -75,6 +75,14 @@ class MagDiffPipelineOutput(BaseOutput):
     trajectory: torch.Tensor | None = None
 
 
+def _check_trajectory_mode(trajectory: str) -> None:
+    if trajectory not in TRAJECTORY_MODES:
+        raise MagDiffInputError(
+            f"`trajectory` must be one of {TRAJECTORY_MODES} or an (F, 2) array of (dx, dy) pixel offsets, "
+            f"got {trajectory!r}."
+        )
+
+
 # ---------------------------------------------------------------------- the pipeline
 
 
@@ -354,11 +362,7 @@ class MagDiffPipeline(DiffusionPipeline):
         ``"auto"``: predicted from each prompt by the ``trajectory`` head when the pipeline has one, else ``None``;
         ``"off"``: ``None``; an (F, 2) array: that path (pixels) for every prompt."""
         if isinstance(trajectory, str):
-            if trajectory not in TRAJECTORY_MODES:
-                raise MagDiffInputError(
-                    f"`trajectory` must be one of {TRAJECTORY_MODES} or an (F, 2) array of (dx, dy) pixel offsets, "
-                    f"got {trajectory!r}."
-                )
+            _check_trajectory_mode(trajectory)
             if trajectory == "off" or self.trajectory is None:
                 return None
             device = self._execution_device
@@ -637,11 +641,8 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError("Give either `latents` or `invert=True`: inversion computes the initial latents.")
         if invert:
             check_invertible(self.scheduler)
-        if isinstance(trajectory, str) and trajectory not in TRAJECTORY_MODES:
-            raise MagDiffInputError(
-                f"`trajectory` must be one of {TRAJECTORY_MODES} or an (F, 2) array of (dx, dy) pixel offsets, "
-                f"got {trajectory!r}."
-            )
+        if isinstance(trajectory, str):
+            _check_trajectory_mode(trajectory)
         if not isinstance(trajectory, str) and subject_image is None:
             raise MagDiffInputError(
                 "`trajectory` places the subject of generation; give `subject_image`, or leave `trajectory` as "
