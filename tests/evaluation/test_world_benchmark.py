@@ -22,12 +22,14 @@ class OraclePipeline:
             sample = make_sample(EVAL_SEED_OFFSET + index, WorldConfig())
             self.clips[sample["caption"]] = sample
         self.calls: list[str] = []
+        self.trajectories: list[tuple[str, object]] = []
 
     def __call__(
         self, prompt, subject_image=None, subject_mask=None, video=None, video_masks=None, keep="subject", **kwargs
     ):
         call = "edit" if video is not None else ("generate" if subject_image is not None else "text")
         self.calls.append(call + ("-inverted" if kwargs.get("invert") else ""))
+        self.trajectories.append((call, kwargs.get("trajectory")))
         if video is not None:
             background = prompt.split(" on a ")[1].removesuffix(" background")
             colour = torch.tensor(BACKGROUND_COLOURS[background], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
@@ -97,3 +99,10 @@ def test_merged_shards_equal_one_run():
     assert merged["results"] == pytest.approx(whole["results"])
     with pytest.raises(ValueError, match="more than one shard"):
         merge_shards([record(0, 2), record(1, 2)])
+
+
+@pytest.mark.parametrize("trajectory", ["auto", "off"])
+def test_generation_gets_the_trajectory_option_and_nothing_else_does(trajectory):
+    pipeline = OraclePipeline(2)
+    evaluate_world(pipeline, num_samples=2, trajectory=trajectory, progress=False)
+    assert sorted(set(pipeline.trajectories)) == sorted({("generate", trajectory), ("text", None), ("edit", None)})

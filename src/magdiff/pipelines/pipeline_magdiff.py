@@ -108,7 +108,7 @@ class MagDiffPipeline(DiffusionPipeline):
             paper's (slot 0 only).
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->trajectory->image_encoder->unet->vae"
     _optional_components: ClassVar[list[str]] = ["trajectory"]
     _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
 
