@@ -355,19 +355,22 @@ class MagDiffPipeline(DiffusionPipeline):
         prompts: list[str],
         num_frames: int,
         size: tuple[int, int],
+        text_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The subject's path for each prompt, (b, F, 2) whole pixels ``(dx, dy)``, or ``None`` for the paper's
         slot-0-only generation.
 
-        ``"auto"``: predicted from each prompt by the ``trajectory`` head when the pipeline has one, else ``None``;
-        ``"off"``: ``None``; an (F, 2) array: that path (pixels) for every prompt."""
+        ``"auto"``: predicted from each prompt by the ``trajectory`` head when the pipeline has one, else ``None``
+        (from ``text_embeds`` when given, the prompts' text tokens already encoded); ``"off"``: ``None``; an (F, 2)
+        array: that path (pixels) for every prompt."""
         if isinstance(trajectory, str):
             _check_trajectory_mode(trajectory)
             if trajectory == "off" or self.trajectory is None:
                 return None
-            device = self._execution_device
+            if text_embeds is None:
+                text_embeds = self.encode_prompt(prompts, self._execution_device)
             with torch.no_grad():
-                path = self.trajectory(self.encode_prompt(prompts, device), num_frames)
+                path = self.trajectory(text_embeds, num_frames)
             return trajectory_to_pixels(path.float().cpu(), *size)
         try:
             path = torch.as_tensor(np.asarray(trajectory, dtype=np.float64))
@@ -649,10 +652,17 @@ class MagDiffPipeline(DiffusionPipeline):
                 "'auto' (an edit follows its source video)."
             )
 
-        # 1. Subject slots (SDA): slot 0 for generation, every slot for editing
-        #    (or, along a path, every slot for generation too: one slot set per distinct path)
+        # 1. Text tokens
+        text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
+        negative_embeds = (
+            self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance else None
+        )
+
+        # 2. Subject slots (SDA): slot 0 for generation, every slot for editing; along a path, every slot for
+        #    generation too, one slot set per distinct path (``slot_of_video`` says which set each video uses)
         source_frames = None
         paths = None
+        slot_of_video = [0] * batch_size
         if video is not None:
             source_frames, source_masks = self.prepare_source_video(
                 video, video_masks, num_frames, (height, width), segmenter
@@ -660,35 +670,27 @@ class MagDiffPipeline(DiffusionPipeline):
             slot_sets = [editing_slots(source_frames, source_masks, keep=keep)]
         elif subject_image is not None:
             image, mask = self.prepare_subject(subject_image, (height, width), subject_mask, segmenter)
-            paths = self.resolve_trajectory(trajectory, prompts, num_frames, (height, width))
+            paths = self.resolve_trajectory(trajectory, prompts, num_frames, (height, width), text_embeds)
             if paths is None:
                 slot_sets = [generation_slots(image, mask, num_frames)]
             else:
-                slot_sets = [trajectory_slots(image, mask, path) for path in paths]
                 paths = torch.stack([fit_path_to_frame(path, mask) for path in paths])
+                distinct: dict[tuple, int] = {}
+                slot_of_video = [distinct.setdefault(tuple(p.flatten().tolist()), len(distinct)) for p in paths]
+                slot_sets = [trajectory_slots(image, mask, paths[slot_of_video.index(i)]) for i in range(len(distinct))]
         else:
             slot_sets = [self.prepare_subject_slots(num_frames, (height, width))]
-        slot_of_video = list(range(len(slot_sets))) if len(slot_sets) > 1 else [0] * batch_size
-        if paths is not None:  # videos whose prompts ask for the same path share one slot set
-            distinct: dict[tuple, int] = {}
-            slot_of_video = [distinct.setdefault(tuple(path.flatten().tolist()), i) for i, path in enumerate(paths)]
-
-        # 2. Text tokens
-        text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
-        negative_embeds = (
-            self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance else None
-        )
 
         # 3. Subject encodings: image tokens (APA) and the HFA latent pyramid, once for all steps
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        encoded: dict[int, SubjectConditioning] = {}
-        for index in sorted(set(slot_of_video)):
-            set_embeds, set_latents = self.encode_subject_slots(*slot_sets[index], (height, width))
-            encoded[index] = self.unet.encode_subject(set_embeds, set_latents, latent_size)
+        encoded = [
+            self.unet.encode_subject(*self.encode_subject_slots(*slot_set, (height, width)), latent_size)
+            for slot_set in slot_sets
+        ]
         single_subject = encoded[slot_of_video[0]]
         subject = SubjectConditioning.cat([encoded[index] for index in slot_of_video])
         slots, filled = slot_sets[slot_of_video[0]]
-        if len(set(slot_of_video)) > 1:
+        if len(slot_sets) > 1:
             slots = torch.stack([slot_sets[index][0] for index in slot_of_video])
         empty_subject = None
         if do_image_guidance:
