@@ -14,8 +14,10 @@ import torch
 
 from magdiff.data.world import (
     BACKGROUND_COLOURS,
+    BACKGROUND_PHRASES,
     EVAL_SEED_OFFSET,
     GENERIC_NOUNS,
+    MOTION_PHRASES,
     MOTIONS,
     SHAPES,
     SUBJECT_COLOURS,
@@ -24,6 +26,8 @@ from magdiff.data.world import (
     WorldConfig,
     WorldDataset,
     caption_for,
+    compose_caption,
+    describe_subject,
     make_sample,
     pattern_colour,
     render_preview,
@@ -31,10 +35,40 @@ from magdiff.data.world import (
 )
 from magdiff.errors import MagDiffInputError
 
-CAPTION = re.compile(
-    r"^a (?P<words>[a-z]+(?: [a-z]+)*) (?:moving (?P<motion>left|right|up|down)|staying (?P<still>still)) "
-    r"on a (?P<background>[a-z]+) background$"
+CANONICAL = re.compile(
+    r"^an? (?P<words>[a-z]+(?: [a-z]+)*) (?:moving (?P<motion>left|right|up|down)|staying (?P<still>still)) "
+    r"on an? (?P<background>[a-z]+) background$"
 )
+
+
+def parse_caption(caption: str) -> dict[str, object]:
+    """Split a world caption into (subject words, motion, motion phrasing, background, background phrasing) by
+    trying every phrasing; exactly one parse must exist."""
+    parses = []
+    for motion, phrases in MOTION_PHRASES.items():
+        for motion_index, phrase in enumerate(phrases):
+            for background in BACKGROUND_COLOURS:
+                for background_index, template in enumerate(BACKGROUND_PHRASES):
+                    for article in ("a", "an"):
+                        scene = template.format(article=article, colour=background)
+                        suffix = f" {phrase} {scene}"
+                        if caption.endswith(suffix):
+                            head = caption[: -len(suffix)].split(" ", 1)
+                            parses.append(
+                                {
+                                    "article": head[0],
+                                    "words": head[1],
+                                    "motion": motion,
+                                    "motion_phrasing": motion_index,
+                                    "background": background,
+                                    "background_phrasing": background_index,
+                                    "background_article": article,
+                                }
+                            )
+    assert len(parses) == 1, (caption, parses)
+    return parses[0]
+
+
 NUM_SAMPLES = 600
 
 
@@ -138,21 +172,109 @@ def test_background_differs_from_subject(samples: list[dict]) -> None:
             assert math.dist(tone, meta["background_rgb"]) >= config.min_colour_distance
 
 
-def test_captions_follow_the_templates(samples: list[dict]) -> None:
+def test_captions_are_subject_motion_and_background_phrases(samples: list[dict]) -> None:
     vocabulary = set(WORLD_VOCABULARY)
     for sample in samples:
         meta, caption = sample["meta"], sample["caption"]
-        match = CAPTION.match(caption)
-        assert match is not None, caption
-        motion = "still" if match["still"] else match["motion"]
-        assert motion == meta["motion"]
-        assert match["background"] == meta["background"]
-        assert match["words"] == meta["subject_words"]
+        parsed = parse_caption(caption)
+        assert parsed["motion"] == meta["motion"]
+        assert parsed["background"] == meta["background"]
+        assert parsed["words"] == meta["subject_words"]
+        assert (parsed["motion_phrasing"], parsed["background_phrasing"]) == (
+            meta["motion_phrasing"],
+            meta["background_phrasing"],
+        )
         assert set(caption.split()) <= vocabulary
+        for article, word in (
+            (parsed["article"], meta["subject_words"]),
+            (parsed["background_article"], meta["background"]),
+        ):
+            assert article == ("an" if word[0] in "aeiou" else "a")  # grammatical articles
         words = meta["subject_words"].split()
         assert words[-1] in GENERIC_NOUNS or words[-1] == meta["shape"]
-        named = {meta["texture"], meta["colour"], meta["shape"]} & set(words)
-        assert len(named) <= 2  # the caption never gives the full look away
+        # caption_attributes says exactly what the words name, and it is the truth
+        named = meta["caption_attributes"]
+        assert named["motion"] == meta["motion"] and named["background"] == meta["background"]
+        subject_named = {key: named[key] for key in ("texture", "colour", "shape") if key in named}
+        assert set(named) - {"motion", "background"} == set(subject_named)
+        assert all(meta[key] == value for key, value in subject_named.items())
+        assert meta["subject_words"] == describe_subject(**subject_named, noun=words[-1])
+        # the background colour is named in the background phrase only, never among the subject words
+        assert meta["background"] not in words
+        json.dumps(meta)
+
+
+def test_descriptions_name_every_subset_and_generic_share_is_configurable(samples: list[dict]) -> None:
+    subsets = Counter(frozenset(set(s["meta"]["caption_attributes"]) - {"motion", "background"}) for s in samples)
+    generic = subsets.pop(frozenset())
+    assert len(subsets) == 7  # every non-empty subset of texture, colour, shape, all three included
+    assert subsets[frozenset({"texture", "colour", "shape"})] > 0
+    assert abs(generic / NUM_SAMPLES - 0.5) < 0.08
+    for probability, expected in ((0.0, 0), (1.0, 60)):
+        config = WorldConfig(generic_word_probability=probability)
+        metas = [make_sample(seed, config)["meta"] for seed in range(60)]
+        assert sum(m["subject_words"] in GENERIC_NOUNS for m in metas) == expected
+
+
+def test_paraphrases_are_deterministic_configurable_and_cover_every_phrasing(samples: list[dict]) -> None:
+    metas = [s["meta"] for s in samples]
+    motion_phrasings = Counter(m["motion_phrasing"] for m in metas)
+    background_phrasings = Counter(m["background_phrasing"] for m in metas)
+    assert set(motion_phrasings) == set(range(len(MOTION_PHRASES["left"])))
+    assert set(background_phrasings) == set(range(len(BACKGROUND_PHRASES)))
+    assert abs(motion_phrasings[0] / NUM_SAMPLES - 0.5) < 0.08  # default paraphrase_probability 0.5
+    assert {len(phrases) for phrases in MOTION_PHRASES.values()} == {len(MOTION_PHRASES["left"])}
+    assert make_sample(17)["caption"] == make_sample(17)["caption"]
+    canonical = WorldConfig(paraphrase_probability=0.0)
+    for seed in range(100):
+        sample = make_sample(seed, canonical)
+        match = CANONICAL.match(sample["caption"])
+        assert match is not None, sample["caption"]
+        assert (sample["meta"]["motion_phrasing"], sample["meta"]["background_phrasing"]) == (0, 0)
+        # the caption's phrasing is the only thing the flag changes
+        default = make_sample(seed)
+        assert torch.equal(sample["frames"], default["frames"])
+        assert sample["meta"]["subject_words"] == default["meta"]["subject_words"]
+        assert sample["caption"] == caption_for(default["meta"], canonical=True)
+    always = WorldConfig(paraphrase_probability=1.0)
+    assert all(make_sample(seed, always)["meta"]["motion_phrasing"] > 0 for seed in range(50))
+    with pytest.raises(MagDiffInputError):
+        WorldConfig(paraphrase_probability=1.5)
+
+
+def test_draws_of_the_factors_are_unchanged_by_the_caption_slots() -> None:
+    # Factor draws read the first 13 uniform slots; the caption phrasings were added after them.
+    # Values recorded with the 13-slot version of make_sample.
+    expected = {
+        0: ("cross", "right", "red", "dotted", "green", [15, 23]),
+        1: ("diamond", "still", "green", "striped", "black", [20, 26]),
+        2: ("triangle", "right", "orange", "checkered", "green", [3, 13]),
+    }
+    for seed, factors in expected.items():
+        meta = make_sample(seed)["meta"]
+        keys = ("shape", "motion", "background", "texture", "colour")
+        assert (*(meta[key] for key in keys), meta["top_left"][0]) == factors
+
+
+def test_compose_caption_and_describe_subject() -> None:
+    assert compose_caption("striped orange triangle", "up", "purple") == (
+        "a striped orange triangle moving up on a purple background"
+    )
+    assert (
+        compose_caption("object", "left", "orange", 1, 2)
+        == "an object sliding to the left against an orange background"
+    )
+    assert compose_caption("fluffy quokka", "still", "red", 1, 0) == "a fluffy quokka not moving on a red background"
+    assert describe_subject(colour="red") == "red thing"
+    assert describe_subject(texture="dotted", colour="blue", shape="star", noun="toy") == "dotted blue star"
+    with pytest.raises(MagDiffInputError):
+        compose_caption("thing", "sideways", "red")
+    with pytest.raises(MagDiffInputError):
+        compose_caption("thing", "left", "red", motion_phrasing=99)
+    with pytest.raises(MagDiffInputError):
+        compose_caption("  ", "left", "red")
+    with pytest.raises(MagDiffInputError):
+        describe_subject(shape="blob")
 
 
 def test_every_factor_is_reachable(samples: list[dict]) -> None:
@@ -166,6 +288,7 @@ def test_every_factor_is_reachable(samples: list[dict]) -> None:
     assert set(BACKGROUND_COLOURS) == {"red", "green", "blue", "yellow", "white", "black", "orange", "purple"}
     words = Counter(len(m["subject_words"].split()) for m in metas)
     assert words[1] > 0 and words[2] > 0 and words[3] > 0
+    assert {len(m["caption_attributes"]) for m in metas} == {2, 3, 4, 5}
     assert any(m["subject_words"] in GENERIC_NOUNS for m in metas)
     # Backgrounds are close to uniform (the training signal for "background from text" must be balanced).
     counts = Counter(m["background"] for m in metas)
@@ -178,7 +301,7 @@ def test_keyword_overrides_force_factors() -> None:
         for motion in MOTIONS:
             meta = make_sample(seed, motion=motion)["meta"]
             assert meta["motion"] == motion
-            for key in ("shape", "colour", "texture", "background", "subject_size", "subject_words"):
+            for key in ("shape", "colour", "texture", "background", "subject_size", "subject_words", "motion_phrasing"):
                 assert meta[key] == base[key]  # forcing the motion keeps the subject and background
         for background in BACKGROUND_COLOURS:
             assert make_sample(seed, background=background)["meta"]["background"] == background
@@ -230,11 +353,18 @@ def test_caption_for_changes_background_and_motion() -> None:
     sample = make_sample(7)
     meta = sample["meta"]
     assert caption_for(meta) == sample["caption"]
+    parsed = parse_caption(sample["caption"])
     other = next(b for b in BACKGROUND_COLOURS if b != meta["background"])
-    edited = caption_for(meta, background=other)
-    assert edited == sample["caption"].replace(f"on a {meta['background']} background", f"on a {other} background")
-    assert caption_for(meta, motion="still").startswith(f"a {meta['subject_words']} staying still on a ")
-    assert caption_for(meta, background="green", motion="left").endswith("moving left on a green background")
+    edited = parse_caption(caption_for(meta, background=other))
+    assert edited == {**parsed, "background": other, "background_article": "an" if other[0] in "aeiou" else "a"}
+    still = parse_caption(caption_for(meta, motion="still"))
+    assert still == {**parsed, "motion": "still"}  # the same phrasing index, for the other motion
+    assert caption_for(meta, background="green", motion="left", canonical=True).endswith(
+        "moving left on a green background"
+    )
+    assert caption_for({"subject_words": "thing", "motion": "up", "background": "red"}) == (
+        "a thing moving up on a red background"
+    )
     with pytest.raises(MagDiffInputError):
         caption_for(meta, background="teal")
 

@@ -15,15 +15,26 @@ Factors
 
 Captions
 --------
-Exactly one of the two templates::
+One sentence: subject phrase, motion phrase, background phrase::
 
-    a <subject words> moving <left|right|up|down> on a <colour> background
-    a <subject words> staying still on a <colour> background
+    a striped orange triangle moving up on a purple background        (the canonical phrasing)
+    a toy sliding to the left against a blue backdrop                 (a paraphrase)
 
-``<subject words>`` is either a generic noun (``thing``, ``toy``, ...) or a *partial* description naming one or two of
-texture, colour and shape (never all three), e.g. ``striped thing``, ``orange star``, ``dotted hexagon``. The caption
-therefore never pins down the subject's look: a model trained on this world must take the subject's appearance from the
-subject image, and the motion and background from the text. ``WORLD_VOCABULARY`` lists every word a caption can contain.
+* Subject words: with probability ``WorldConfig.generic_word_probability`` a generic noun only (``thing``, ``toy``,
+  ...); otherwise a description as real captions give one, naming any non-empty subset of texture, colour and shape
+  (all three included), in that order, e.g. ``striped thing``, ``orange star``, ``striped orange triangle``.
+* Motion phrase: one of the ``MOTION_PHRASES[motion]`` (``moving left``, ``sliding to the left``, ``going left``,
+  ``heading left``, ``travelling leftwards``, ...; ``staying still``, ``not moving``, ``standing still``, ...).
+* Background phrase: one of ``BACKGROUND_PHRASES`` (``on a blue background``, ``on a blue backdrop``, ``against a blue
+  background``, ...). The background colour is named there and only there; it is never the subject's colour name.
+
+The first phrasing of each list is the canonical one. With probability ``WorldConfig.paraphrase_probability`` each of
+the two phrases is instead drawn uniformly among the others (deterministically from the seed); 0 gives the canonical
+template (``a <subject words> moving <left|right|up|down> | staying still on a <colour> background``), which
+benchmarks may prefer. Articles are grammatical (``an orange background``). ``meta["caption_attributes"]`` records
+what the caption names, ``meta["motion_phrasing"]`` / ``meta["background_phrasing"]`` the phrasings chosen, so
+:func:`caption_for` can rebuild the caption with another background or motion in the same words.
+``WORLD_VOCABULARY`` lists every word a caption can contain.
 
 Seeds and the held-out split
 ----------------------------
@@ -52,10 +63,12 @@ from magdiff.sda import cut_out
 
 __all__ = [
     "BACKGROUND_COLOURS",
+    "BACKGROUND_PHRASES",
     "EVAL_SEED_OFFSET",
     "GENERIC_NOUNS",
     "MOTIONS",
     "MOTION_DIRECTIONS",
+    "MOTION_PHRASES",
     "SHAPES",
     "STRIPE_ORIENTATIONS",
     "SUBJECT_COLOURS",
@@ -65,6 +78,8 @@ __all__ = [
     "WorldConfig",
     "WorldDataset",
     "caption_for",
+    "compose_caption",
+    "describe_subject",
     "make_sample",
     "pattern_colour",
     "render_preview",
@@ -123,11 +138,54 @@ MOTION_DIRECTIONS: dict[str, tuple[int, int]] = {
 
 STRIPE_ORIENTATIONS: tuple[str, ...] = ("horizontal", "vertical", "diagonal")
 
-_TEMPLATE_WORDS = ("a", "moving", "staying", "still", "on", "background", "left", "right", "up", "down")
+MOTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": (
+        "moving left",
+        "sliding to the left",
+        "going left",
+        "heading left",
+        "travelling leftwards",
+        "drifting left",
+    ),
+    "right": (
+        "moving right",
+        "sliding to the right",
+        "going right",
+        "heading right",
+        "travelling rightwards",
+        "drifting right",
+    ),
+    "up": ("moving up", "sliding upwards", "going up", "heading up", "travelling upwards", "drifting up"),
+    "down": ("moving down", "sliding downwards", "going down", "heading down", "travelling downwards", "drifting down"),
+    "still": ("staying still", "not moving", "standing still", "staying in place", "keeping still", "resting"),
+}
+"""The phrasings of each motion; the first is canonical. Every motion has the same number of phrasings, so a
+phrasing index carries over to another motion (``caption_for(meta, motion=...)``)."""
+
+BACKGROUND_PHRASES: tuple[str, ...] = (
+    "on {article} {colour} background",
+    "on {article} {colour} backdrop",
+    "against {article} {colour} background",
+    "against {article} {colour} backdrop",
+    "in front of {article} {colour} background",
+    "over {article} {colour} background",
+)
+"""The phrasings of the background (``{article}`` is ``a`` or ``an``); the first is canonical."""
+
+
+def _phrase_words() -> set[str]:
+    words = {"a", "an"}
+    for phrases in MOTION_PHRASES.values():
+        for phrase in phrases:
+            words.update(phrase.split())
+    for template in BACKGROUND_PHRASES:
+        words.update(w for w in template.split() if not w.startswith("{"))
+    return words
+
 
 WORLD_VOCABULARY: tuple[str, ...] = tuple(
     sorted(
-        set(_TEMPLATE_WORDS)
+        _phrase_words()
         | set(BACKGROUND_COLOURS)
         | set(SUBJECT_COLOURS)
         | set(SHAPES)
@@ -141,9 +199,11 @@ WORLD_VOCABULARY: tuple[str, ...] = tuple(
 # leaves every factor that does not depend on it unchanged (same seed, same subject, another motion, ...).
 _U_SHAPE, _U_MOTION, _U_BACKGROUND, _U_COLOUR, _U_TEXTURE, _U_SIZE, _U_SPEED = range(7)
 _U_X, _U_Y, _U_PATTERN, _U_WORDS_MODE, _U_WORDS_SUBSET, _U_WORDS_NOUN = range(7, 13)
-_NUM_DRAWS = 13
+# Added later, at the end, so that the draws above stay what they were for every seed.
+_U_MOTION_PARAPHRASE, _U_MOTION_PHRASING, _U_BACKGROUND_PARAPHRASE, _U_BACKGROUND_PHRASING = range(13, 17)
+_NUM_DRAWS = 17
 
-# Partial descriptions: the attribute subsets that may be named in a caption (never all three).
+# Descriptions: the attribute subsets a caption may name (every non-empty subset of the three).
 _DESCRIPTION_SUBSETS: tuple[frozenset[str], ...] = (
     frozenset({"texture"}),
     frozenset({"colour"}),
@@ -151,6 +211,7 @@ _DESCRIPTION_SUBSETS: tuple[frozenset[str], ...] = (
     frozenset({"texture", "colour"}),
     frozenset({"texture", "shape"}),
     frozenset({"colour", "shape"}),
+    frozenset({"texture", "colour", "shape"}),
 )
 
 
@@ -167,7 +228,10 @@ class WorldConfig:
             ``margin`` rows and columns of every frame are pure background.
         min_colour_distance: every colour painted on the subject is at least this far (Euclidean, RGB 0-255) from the
             background colour.
-        generic_word_probability: probability that the caption calls the subject by a generic noun only.
+        generic_word_probability: probability that the caption calls the subject by a generic noun only (otherwise
+            it names a non-empty subset of the subject's texture, colour and shape).
+        paraphrase_probability: probability that the motion phrase (and, independently, the background phrase) is a
+            paraphrase rather than the canonical phrasing; 0 gives the canonical template.
     """
 
     num_frames: int = 8
@@ -177,6 +241,7 @@ class WorldConfig:
     margin: int = 2
     min_colour_distance: float = 120.0
     generic_word_probability: float = 0.5
+    paraphrase_probability: float = 0.5
 
     def __post_init__(self) -> None:
         lo, hi = self.subject_size_range
@@ -191,6 +256,8 @@ class WorldConfig:
             raise MagDiffInputError(f"margin must be >= 0, got {self.margin}.")
         if not 0.0 <= self.generic_word_probability <= 1.0:
             raise MagDiffInputError(f"generic_word_probability must be in [0, 1], got {self.generic_word_probability}.")
+        if not 0.0 <= self.paraphrase_probability <= 1.0:
+            raise MagDiffInputError(f"paraphrase_probability must be in [0, 1], got {self.paraphrase_probability}.")
         free = self.size - 2 * self.margin - hi - shi * (self.num_frames - 1)
         if free < 0:
             raise MagDiffInputError(
@@ -345,34 +412,80 @@ def _check(name: str | None, options: tuple[str, ...] | dict[str, Any], what: st
         raise MagDiffInputError(f"Unknown {what} {name!r}; expected one of {', '.join(options)}.")
 
 
-def _subject_words(draws: np.ndarray, shape: str, colour: str, texture: str, config: WorldConfig) -> str:
+def describe_subject(
+    *, texture: str | None = None, colour: str | None = None, shape: str | None = None, noun: str = "thing"
+) -> str:
+    """Subject words naming the given attributes, in the world's order (texture, colour, shape); ``noun`` stands in
+    for an unnamed shape: ``describe_subject(colour="red") == "red thing"``."""
+    _check(texture, TEXTURES, "texture")
+    _check(colour, SUBJECT_COLOURS, "subject colour")
+    _check(shape, SHAPES, "shape")
+    return " ".join(word for word in (texture, colour, shape or noun) if word is not None)
+
+
+def _subject_words(draws: np.ndarray, shape: str, colour: str, texture: str, config: WorldConfig) -> tuple[str, dict]:
+    """The subject words of a caption and the attributes they name."""
     noun = _pick(GENERIC_NOUNS, float(draws[_U_WORDS_NOUN]))
     if draws[_U_WORDS_MODE] < config.generic_word_probability:
-        return noun
-    subset = _DESCRIPTION_SUBSETS[min(int(draws[_U_WORDS_SUBSET] * 6), 5)]
-    words = []
-    if "texture" in subset:
-        words.append(texture)
-    if "colour" in subset:
-        words.append(colour)
-    words.append(shape if "shape" in subset else noun)
-    return " ".join(words)
+        return noun, {}
+    subset = _DESCRIPTION_SUBSETS[min(int(draws[_U_WORDS_SUBSET] * len(_DESCRIPTION_SUBSETS)), 6)]
+    named = {"texture": texture, "colour": colour, "shape": shape}
+    named = {key: value for key, value in named.items() if key in subset}
+    return describe_subject(**named, noun=noun), named
 
 
-def _caption(subject_words: str, motion: str, background: str) -> str:
-    action = "staying still" if motion == "still" else f"moving {motion}"
-    return f"a {subject_words} {action} on a {background} background"
+def _phrasing(draws: np.ndarray, paraphrase_slot: int, phrasing_slot: int, count: int, config: WorldConfig) -> int:
+    """Index of the phrasing: 0 (canonical) unless the paraphrase draw says otherwise, then uniform over 1..count-1."""
+    if draws[paraphrase_slot] >= config.paraphrase_probability:
+        return 0
+    return 1 + min(int(draws[phrasing_slot] * (count - 1)), count - 2)
 
 
-def caption_for(meta: Mapping[str, Any], background: str | None = None, motion: str | None = None) -> str:
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def compose_caption(
+    subject_words: str, motion: str, background: str, motion_phrasing: int = 0, background_phrasing: int = 0
+) -> str:
+    """The world's caption sentence: ``<article> <subject words> <motion phrase> <background phrase>``.
+
+    ``subject_words`` may be any lower-case words (made-up ones included); the phrasings index
+    ``MOTION_PHRASES[motion]`` and ``BACKGROUND_PHRASES`` (0: canonical)."""
+    _check(motion, MOTIONS, "motion")
+    _check(background, BACKGROUND_COLOURS, "background")
+    subject_words = " ".join(str(subject_words).split())
+    if not subject_words:
+        raise MagDiffInputError("subject_words must not be empty.")
+    phrases = MOTION_PHRASES[motion]
+    if not 0 <= motion_phrasing < len(phrases) or not 0 <= background_phrasing < len(BACKGROUND_PHRASES):
+        raise MagDiffInputError(
+            f"motion_phrasing must be in [0, {len(phrases)}) and background_phrasing in "
+            f"[0, {len(BACKGROUND_PHRASES)}), got {motion_phrasing} and {background_phrasing}."
+        )
+    scene = BACKGROUND_PHRASES[background_phrasing].format(article=_article(background), colour=background)
+    return f"{_article(subject_words)} {subject_words} {phrases[motion_phrasing]} {scene}"
+
+
+def caption_for(
+    meta: Mapping[str, Any], background: str | None = None, motion: str | None = None, *, canonical: bool = False
+) -> str:
     """Caption of a sample (from its ``meta``) with, optionally, another background and/or motion.
 
-    The subject words are kept, so ``caption_for(meta, background="blue")`` is the editing prompt "same subject, same
-    motion, blue background".
+    The subject words and the phrasings are kept, so ``caption_for(meta, background="blue")`` is the editing prompt
+    "same subject, same motion, blue background" in the sample's own words; ``canonical=True`` uses the canonical
+    phrasings instead. A ``meta`` without phrasings (e.g. ``{"subject_words", "motion", "background"}``) gets the
+    canonical ones.
     """
     _check(background, BACKGROUND_COLOURS, "background")
     _check(motion, MOTIONS, "motion")
-    return _caption(str(meta["subject_words"]), motion or str(meta["motion"]), background or str(meta["background"]))
+    return compose_caption(
+        str(meta["subject_words"]),
+        motion or str(meta["motion"]),
+        background or str(meta["background"]),
+        0 if canonical else int(meta.get("motion_phrasing", 0)),
+        0 if canonical else int(meta.get("background_phrasing", 0)),
+    )
 
 
 def make_sample(
@@ -401,7 +514,9 @@ def make_sample(
         "meta": dict}``. ``meta`` is JSON-serialisable and holds: ``seed, shape, colour, texture, pattern_variant,
         background, motion, subject_rgb, pattern_rgb, background_rgb, subject_size, speed, velocity [dx, dy],
         top_left [[x, y]] * F, centres [[x, y]] * F`` (mask centroid, pixel-centre coordinates), ``subject_words,
-        num_frames, size``.
+        caption_attributes`` (what the caption names: ``motion`` and ``background`` always, ``texture``, ``colour``,
+        ``shape`` when the subject words name them), ``motion_phrasing, background_phrasing`` (indices into
+        ``MOTION_PHRASES[motion]`` and ``BACKGROUND_PHRASES``), ``num_frames, size``.
 
     Raises:
         MagDiffInputError: unknown factor names, a negative seed, or forced colour/texture/background that cannot be
@@ -463,7 +578,11 @@ def make_sample(
 
     ys, xs = np.nonzero(mask_patch)
     cx, cy = float(xs.mean()), float(ys.mean())
-    words = _subject_words(draws, shape, colour, texture, config)
+    words, named = _subject_words(draws, shape, colour, texture, config)
+    motion_phrasing = _phrasing(draws, _U_MOTION_PARAPHRASE, _U_MOTION_PHRASING, len(MOTION_PHRASES[motion]), config)
+    background_phrasing = _phrasing(
+        draws, _U_BACKGROUND_PARAPHRASE, _U_BACKGROUND_PHRASING, len(BACKGROUND_PHRASES), config
+    )
     meta: dict[str, Any] = {
         "seed": int(seed),
         "shape": shape,
@@ -481,6 +600,9 @@ def make_sample(
         "top_left": top_left,
         "centres": [[x + cx, y + cy] for x, y in top_left],
         "subject_words": words,
+        "caption_attributes": {"motion": motion, "background": background, **named},
+        "motion_phrasing": motion_phrasing,
+        "background_phrasing": background_phrasing,
         "num_frames": config.num_frames,
         "size": config.size,
     }
@@ -494,7 +616,7 @@ def make_sample(
         "frames": frames_t,
         "masks": masks_t,
         "subject_slots": cut_out(frames_t, masks_t),  # every frame's cut-out subject (SDA slots, all filled)
-        "caption": _caption(words, motion, background),
+        "caption": compose_caption(words, motion, background, motion_phrasing, background_phrasing),
         "meta": meta,
     }
 
