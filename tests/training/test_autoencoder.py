@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
+from magdiff.data.user_style import user_style_subjects
+from magdiff.data.world import WorldConfig
 from magdiff.errors import MagDiffInputError
 from magdiff.training import autoencoder as ae
 from magdiff.training.autoencoder import (
@@ -36,6 +40,7 @@ def _tiny_config(**overrides: object) -> AutoencoderConfig:
         "eval_every": 10,
         "num_eval_frames": 8,
         "num_final_eval_frames": 16,
+        "num_user_style_subjects": 4,
         "seed": 0,
     }
     values.update(overrides)
@@ -50,10 +55,10 @@ def test_default_architecture_downsamples_by_four() -> None:
     frames, _ = world_frames(2)
     with torch.no_grad():
         posterior = vae.encode(frames).latent_dist
-        assert tuple(posterior.mean.shape) == (2, 4, 16, 16)
+        assert tuple(posterior.mean.shape) == (2, 16, 16, 16)
         assert tuple(vae.decode(posterior.mean).sample.shape) == (2, 3, 64, 64)
-    # Small enough to ship: well under 5 MB of fp32 weights.
-    assert sum(p.numel() for p in vae.parameters()) * 4 < 4.5e6
+    # Small enough to ship: under 8 MB of fp32 weights.
+    assert sum(p.numel() for p in vae.parameters()) * 4 < 8e6
     # The posterior starts with a small variance (initial_logvar), not diffusers' unit variance.
     assert float(posterior.logvar.mean()) < -2.0
 
@@ -170,6 +175,156 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert not (out / ae.LOG_NAME).exists()
     assert ae.main(["--out", str(tmp_path / "bad"), "--channels", "6,12", "--quiet"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_subject_fidelity_against_closed_forms() -> None:
+    generator = torch.Generator().manual_seed(0)
+    original = torch.rand(3, 3, 8, 8, generator=generator) * 1.6 - 0.8
+    original[2] = 0.25  # a flat subject: no pattern
+    masks = torch.zeros(3, 1, 8, 8)
+    masks[:, :, 2:6, 1:7] = 1.0
+    inside = masks.expand_as(original) > 0.5
+
+    same = ae.subject_fidelity(original, original.clone(), masks)
+    assert torch.allclose(same["colour_error"], torch.zeros(3)) and torch.allclose(same["pixel_mae"], torch.zeros(3))
+    assert torch.allclose(same["pattern_r2"][:2], torch.ones(2)) and torch.isnan(same["pattern_r2"][2])
+
+    # Shifted by +10/255 inside the mask: the mean colour is off by 10, the pattern is intact.
+    shifted = torch.where(inside, original + 20.0 / 255.0, original)
+    figures = ae.subject_fidelity(original, shifted, masks)
+    assert torch.allclose(figures["colour_error"], torch.full((3,), 10.0), atol=1e-3)
+    assert torch.allclose(figures["pixel_mae"], torch.full((3,), 10.0), atol=1e-3)
+    assert torch.allclose(figures["mask_psnr"], torch.full((3,), 20 * math.log10(25.5)), atol=1e-3)
+    assert torch.allclose(figures["pattern_r2"][:2], torch.ones(2), atol=1e-5)
+
+    # Flattened to each subject's mean colour: the colour is right, the pattern is gone (r2 = 0, contrast 0).
+    means = (original * masks).sum(dim=(2, 3), keepdim=True) / masks.sum(dim=(2, 3), keepdim=True)
+    flat = torch.where(inside, means.expand_as(original), original)
+    figures = ae.subject_fidelity(original, flat, masks)
+    assert torch.allclose(figures["colour_error"], torch.zeros(3), atol=1e-4)
+    assert torch.allclose(figures["pattern_r2"][:2], torch.zeros(2), atol=1e-5)
+    assert torch.allclose(figures["reconstructed_std"], torch.zeros(3), atol=1e-4)
+
+    # Against a direct numpy computation for one subject.
+    rng = np.random.default_rng(1)
+    noisy = (original + torch.from_numpy(rng.normal(0, 0.1, original.shape)).float()).clamp(-1, 1)
+    figures = ae.subject_fidelity(original, noisy, masks)
+    a = (original[0].numpy().transpose(1, 2, 0)[2:6, 1:7] + 1) * 127.5
+    b = (noisy[0].numpy().transpose(1, 2, 0)[2:6, 1:7] + 1) * 127.5
+    assert float(figures["colour_error"][0]) == pytest.approx(np.abs(a.mean((0, 1)) - b.mean((0, 1))).mean(), rel=1e-4)
+    centred_a, centred_b = a - a.mean((0, 1)), b - b.mean((0, 1))
+    r2 = 1 - ((centred_b - centred_a) ** 2).sum() / (centred_a**2).sum()
+    assert float(figures["pattern_r2"][0]) == pytest.approx(r2, rel=1e-4)
+
+    with pytest.raises(MagDiffInputError, match="at least one pixel"):
+        ae.subject_fidelity(original, original, torch.zeros(3, 1, 8, 8))
+    with pytest.raises(MagDiffInputError, match="masks"):
+        ae.subject_fidelity(original, original, masks[:, :, :4])
+
+
+def test_evaluation_reports_world_and_user_style_figures() -> None:
+    torch.manual_seed(0)
+    vae = build_autoencoder(_tiny_config())
+    world = evaluate_autoencoder(vae, num_frames=8)
+    user = ae.evaluate_subjects(vae, user_style_subjects(8))
+    for name in ("colour_error_median", "colour_error_mean", "pattern_r2_median", "pattern_std_ratio_median"):
+        assert math.isfinite(world[f"world_{name}"]) and math.isfinite(user[f"user_{name}"])
+    assert user["user_num_patterned"] == 7  # subject 0 is the one solid subject of the first eight
+    assert 0 <= user["user_patterns_kept"] <= 1
+
+
+def test_random_content_is_deterministic_and_varied() -> None:
+    image, mask = ae.random_content(3)
+    again, mask_again = ae.random_content(3)
+    assert torch.equal(image, again) and torch.equal(mask, mask_again)
+    assert tuple(image.shape) == (3, 64, 64) and tuple(mask.shape) == (1, 64, 64)
+    assert image.min() >= -1 and image.max() <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
+    images = torch.stack([ae.random_content(seed)[0] for seed in range(40)])
+    masks = torch.stack([ae.random_content(seed)[1] for seed in range(40)])
+    assert all(float(m.sum()) > 0 for m in masks)
+    assert len({tuple(img[:, 0, 0].tolist()) for img in images}) > 30  # backgrounds differ from seed to seed
+    # Patterned fills are common: many subjects are far from flat.
+    subject_std = [float(img[:, m[0] > 0.5].std(dim=1).mean()) for img, m in zip(images, masks)]
+    assert sum(std > 0.1 for std in subject_std) >= 10
+    with pytest.raises(MagDiffInputError, match="seed"):
+        ae.random_content(-1)
+
+
+def test_training_batches_mix_world_random_content_and_cutouts() -> None:
+    config = _tiny_config(batch_size=8, random_content_fraction=0.5, cutout_fraction=1.0)
+    data = ae._TrainFrames(config, WorldConfig())
+    x, mask = data.batch()
+    assert tuple(x.shape) == (8, 3, 64, 64) and tuple(mask.shape) == (8, 1, 64, 64)
+    assert torch.all(x.masked_select(mask.expand_as(x) < 0.5) == -1.0)  # every frame cut out on black
+    assert data.next_seed == 2 and data.next_random_seed == 4  # 4 world frames (2 per sample), 4 random images
+    assert torch.equal(x[4], ae.random_content(0)[0].where(ae.random_content(0)[1] > 0.5, torch.tensor(-1.0)))
+    state = json.loads(json.dumps(data.state()))
+    following = data.batch()
+    data.load_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(data.batch(), following))
+
+
+def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:
+    config = _tiny_config(steps=6, eval_every=2, num_final_eval_frames=4, num_user_style_subjects=2)
+    straight = train_autoencoder(config, tmp_path / "straight", progress=False)
+
+    checkpoints = tmp_path / "checkpoints"
+    train_autoencoder(
+        _tiny_config(steps=4, eval_every=2, num_final_eval_frames=4, num_user_style_subjects=2),
+        tmp_path / "interrupted",
+        progress=False,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=2,
+        keep_checkpoints=1,
+    )
+    assert [p.name for p in sorted(checkpoints.iterdir())] == ["step_000004"]  # pruned to the newest one
+    assert sorted(p.name for p in (checkpoints / "step_000004").iterdir()) == [
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+        "vae.safetensors",
+    ]
+    log = tmp_path / "resumed.jsonl"
+    resumed = train_autoencoder(
+        config, tmp_path / "resumed", progress=False, log_path=log, checkpoint_dir=checkpoints, resume="latest"
+    )
+    assert resumed["step"] == 6
+    # The log was rebuilt from the checkpoint: steps 2 and 4 from the first part, 6 and the final record after it.
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [2, 4, 6, 6]
+    # Bit for bit the run that was never interrupted: model, optimiser moments, data stream and noise all resumed.
+    a = load_file(str(tmp_path / "straight" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["psnr"] == straight["psnr"]
+    # Starting over instead (the checkpoint ignored) would give another model.
+    fresh_two = train_autoencoder(_tiny_config(steps=2, num_user_style_subjects=0), tmp_path / "two", progress=False)
+    assert fresh_two["step"] == 2
+    c = load_file(str(tmp_path / "two" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert (checkpoints / "step_000006").is_dir()  # the resumed run kept checkpointing
+
+    with pytest.raises(MagDiffInputError, match="learning_rate"):
+        train_autoencoder(
+            _tiny_config(steps=8, learning_rate=3e-3), tmp_path / "x", checkpoint_dir=checkpoints, resume="latest"
+        )
+    with pytest.raises(MagDiffInputError, match="no checkpoint"):
+        train_autoencoder(config, tmp_path / "x", checkpoint_dir=tmp_path / "empty", resume="latest")
+    with pytest.raises(MagDiffInputError, match="checkpoint_dir"):
+        train_autoencoder(config, tmp_path / "x", resume="latest")
+    assert not (tmp_path / "x").exists()
+
+
+def test_command_line_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--channels", "8,16", "--norm-groups", "4", "--latent-channels", "8", "--batch-size", "2"]
+    common += ["--eval-every", "1", "--eval-frames", "2", "--final-eval-frames", "2", "--user-style-subjects", "2"]
+    common += ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "1", "--quiet"]
+    assert ae.main(["--out", str(tmp_path / "a"), "--steps", "2", *common]) == 0
+    capsys.readouterr()
+    assert ae.main(["--out", str(tmp_path / "b"), "--steps", "3", "--resume", "latest", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    records = [json.loads(line) for line in (tmp_path / "b" / ae.LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 3]
+    assert ae.main(["--out", str(tmp_path / "c"), "--steps", "3", "--resume", str(tmp_path / "nope"), *common]) == 2
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no trained world VAE in src/magdiff/assets")

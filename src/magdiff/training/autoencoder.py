@@ -1,12 +1,14 @@
 """A small ``diffusers.AutoencoderKL`` for the synthetic world, trained from scratch on CPU.
 
 The project's default model is a small MagDiff trained on the world of :mod:`magdiff.data.world`; its VAE downsamples
-by 4 (64x64 px -> 4 x 16 x 16 latents) and is small enough to ship in the repository. This module builds it, trains it
-with a plain torch loop on freshly generated world frames, evaluates it on the held-out split and stores the
-``scaling_factor`` that gives the scaled latents unit variance (``1 / std`` of the latent means, as Stable Diffusion
-does).
+by 4 (64x64 px -> 16 x 16 x ``latent_channels`` latents) and is small enough to ship in the repository. This module
+builds it, trains it with a plain torch loop on a mix of freshly generated world frames and procedurally random
+content (so that colours and patterns outside the world's palette survive too), evaluates it on the held-out world
+split and on the user-style subjects of :mod:`magdiff.data.user_style`, and stores the ``scaling_factor`` that gives
+the scaled latents unit variance (``1 / std`` of the latent means, as Stable Diffusion does). Training writes
+resumable checkpoints (safetensors + JSON, no pickles).
 
-Run ``python -m magdiff.training.autoencoder --out DIR`` to train one (see ``--help``).
+Run ``python -m magdiff.training.autoencoder --out DIR`` to train one (see ``--help`` and ``docs/vae.md``).
 """
 
 from __future__ import annotations
@@ -25,18 +27,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from ..data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET, WorldConfig, make_sample
+from ..data.user_style import UserStyleSet, user_style_subjects
+from ..data.world import (
+    BACKGROUND_COLOURS,
+    EVAL_SEED_OFFSET,
+    SUBJECT_COLOURS,
+    TRAIN_SEED_OFFSET,
+    WorldConfig,
+    make_sample,
+    pattern_colour,
+)
 from ..errors import MagDiffInputError
+from .checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors, resolve_resume
 
 __all__ = [
     "AutoencoderConfig",
     "build_autoencoder",
     "evaluate_autoencoder",
+    "evaluate_subjects",
     "main",
+    "random_content",
+    "reconstruct",
+    "subject_fidelity",
     "train_autoencoder",
     "world_frames",
 ]
@@ -44,7 +63,11 @@ __all__ = [
 LOG_NAME = "training_log.jsonl"
 """File name of the training log written into the output folder when no ``log_path`` is given."""
 
+RANDOM_CONTENT_TAG = 0x524E4443
+"""First word of the seed sequences of :func:`random_content` (``default_rng([RANDOM_CONTENT_TAG, seed])``)."""
+
 _NUM_TRAIN_SEEDS = EVAL_SEED_OFFSET - TRAIN_SEED_OFFSET  # training seeds never reach the held-out split
+_PATTERN_STD = 2.0  # a subject whose pixel std (0-255, over its mask) exceeds this counts as patterned
 
 
 @dataclass
@@ -55,43 +78,54 @@ class AutoencoderConfig:
     """
 
     # ------------------------------------------------------------------ architecture
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (48, 64, 96)
     layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 4
+    latent_channels: int = 16
+    norm_num_groups: int = 8
     mid_block_add_attention: bool = True
     initial_logvar: float | None = -4.0
     """Initial bias of the posterior's log-variance channels (``quant_conv``); ``None`` keeps diffusers' init (0, i.e.
     unit-variance noise on the latents, which drowns the signal and makes the first hundreds of steps learn nothing)."""
     # ------------------------------------------------------------------ training
-    steps: int = 2400
+    steps: int = 10000
     batch_size: int = 8
     """Frames per optimisation step."""
     frames_per_sample: int = 2
     """Distinct frames taken from each freshly generated world sample (``batch_size`` must be a multiple)."""
+    random_content_fraction: float = 0.5
+    """Share of each batch drawn from :func:`random_content` instead of the world (rounded to whole frames)."""
+    cutout_fraction: float = 0.1
+    """Probability that a training frame is replaced by its cut-out (black outside the subject mask), the images HFA
+    encodes."""
     learning_rate: float = 1e-3
     min_learning_rate: float = 5e-5
     """End of the cosine decay (reached at ``steps``)."""
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     """Linear warm-up from 0 to ``learning_rate``."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     l2_weight: float = 1.0
-    """The reconstruction loss is ``L1 + l2_weight * MSE`` (on [-1, 1] pixels)."""
+    """The reconstruction loss is ``L1 + l2_weight * MSE + edge_weight * edge`` on [-1, 1] pixels."""
+    edge_weight: float = 0.5
+    """Weight of the L1 distance between the horizontal and vertical pixel differences of output and input."""
     subject_loss_weight: float = 4.0
     """Pixels of the subject count this many times more than background pixels in the reconstruction loss."""
     kl_weight: float = 1e-6
     """Weight of the KL divergence summed over latent elements, with the reconstruction loss summed over pixel values
     (the Stable Diffusion convention; in code both sums are divided by the number of pixel values)."""
+    bf16: bool = False
+    """Train under bf16 autocast (about 1.4x faster on CPU); evaluation and the saved weights stay float32."""
     seed: int = 0
     init_from: str | None = None
     """Continue training the VAE saved in this folder (same architecture) instead of a fresh one. Its
     ``training_log.jsonl``, if any, is carried over and the step count continues from its final step."""
-    eval_every: int = 100
+    eval_every: int = 500
     num_eval_frames: int = 128
     """Held-out frames of the periodic evaluations (the final evaluation uses ``num_final_eval_frames``)."""
     num_final_eval_frames: int = 256
     """Held-out frames of the final evaluation, which also measures the latent std behind ``scaling_factor``."""
+    num_user_style_subjects: int = 64
+    """User-style subjects (``user_style_subjects``, seed 0) measured at every evaluation; 0: none."""
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -115,6 +149,8 @@ class AutoencoderConfig:
         for name, value in positive.items():
             if value < 1:
                 raise MagDiffInputError(f"{name} must be >= 1, got {value}.")
+        if self.num_user_style_subjects < 0:
+            raise MagDiffInputError(f"num_user_style_subjects must be >= 0, got {self.num_user_style_subjects}.")
         if self.batch_size % self.frames_per_sample:
             raise MagDiffInputError(
                 f"batch_size ({self.batch_size}) must be a multiple of frames_per_sample ({self.frames_per_sample})."
@@ -123,9 +159,12 @@ class AutoencoderConfig:
             raise MagDiffInputError(
                 f"need 0 < min_learning_rate <= learning_rate, got {self.min_learning_rate} and {self.learning_rate}."
             )
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "l2_weight", "kl_weight"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "l2_weight", "edge_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise MagDiffInputError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("random_content_fraction", "cutout_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise MagDiffInputError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if self.subject_loss_weight < 1.0:
             raise MagDiffInputError(f"subject_loss_weight must be >= 1, got {self.subject_loss_weight}.")
 
@@ -137,6 +176,14 @@ class AutoencoderConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AutoencoderConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise MagDiffInputError(f"unknown AutoencoderConfig keys: {sorted(unknown)}.")
+        return cls(**values)
 
 
 def build_autoencoder(config: AutoencoderConfig | None = None, *, sample_size: int = 64) -> AutoencoderKL:
@@ -189,31 +236,263 @@ def world_frames(
     return torch.stack(images), torch.stack(masks)
 
 
+_WORLD_COLOURS = np.array([*SUBJECT_COLOURS.values(), *BACKGROUND_COLOURS.values()], np.float64)
+
+
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    """Uniform RGB, or (one time in four) a world colour, so the world's palette stays well covered."""
+    if rng.random() < 0.25:
+        return _WORLD_COLOURS[int(rng.integers(len(_WORLD_COLOURS)))].copy()
+    return rng.uniform(0.0, 255.0, 3)
+
+
+def _random_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size) weight map in [0, 1] for blending two colours: stripes, checks, dots, gradients or noise."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    angle = rng.uniform(0.0, math.pi)
+    along, across = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)
+    kind = int(rng.integers(5))
+    if kind == 0:  # stripes of any period, duty and angle
+        period = rng.uniform(2.0, 16.0)
+        return (np.mod(along + rng.uniform(0.0, period), period) < period * rng.uniform(0.3, 0.7)).astype(np.float64)
+    if kind == 1:  # checks, possibly rotated
+        cell = rng.uniform(2.0, 9.0)
+        return ((np.floor(along / cell) + np.floor(across / cell)) % 2).astype(np.float64)
+    if kind == 2:  # dots on a grid
+        spacing = rng.uniform(3.0, 12.0)
+        radius = rng.uniform(0.6, 0.45 * spacing)
+        du = np.mod(along + rng.uniform(0.0, spacing), spacing) - spacing / 2.0
+        dv = np.mod(across + rng.uniform(0.0, spacing), spacing) - spacing / 2.0
+        return (du**2 + dv**2 <= radius**2).astype(np.float64)
+    if kind == 3:  # linear ramp
+        offset, scale = rng.uniform(0.0, size), rng.uniform(8.0, 2.0 * size)
+        return np.clip((along - offset) / scale + 0.5, 0.0, 1.0)
+    cells = int(rng.integers(2, 17))  # value noise: a coarse random grid, upsampled smooth or blocky
+    coarse = rng.uniform(0.0, 1.0, (cells, cells)).astype(np.float32)
+    interpolation = cv2.INTER_LINEAR if rng.random() < 0.5 else cv2.INTER_NEAREST
+    noise = cv2.resize(coarse, (size, size), interpolation=interpolation).astype(np.float64)
+    return (noise > 0.5).astype(np.float64) if rng.random() < 0.5 else noise
+
+
+def _random_shape(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size) bool mask of one random shape: polygon, superellipse, Fourier blob or thick stroke."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    cx, cy = rng.uniform(0.0, size, 2)
+    radius = math.exp(rng.uniform(math.log(3.0), math.log(0.5 * size)))
+    kind = int(rng.integers(4))
+    if kind == 0:
+        corners = int(rng.integers(3, 10))
+        angles = np.sort(rng.uniform(0.0, 2.0 * math.pi, corners))
+        radii = radius * rng.uniform(0.4, 1.0, corners)
+        points = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1) - 0.5
+        canvas = np.zeros((size, size), np.uint8)
+        cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+        mask = canvas.astype(bool)
+    elif kind == 1:
+        angle, power = rng.uniform(0.0, math.pi), math.exp(rng.uniform(math.log(0.6), math.log(5.0)))
+        a, b = radius, radius * rng.uniform(0.3, 1.0)
+        u = ((x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)) / a
+        v = (-(x - cx) * math.sin(angle) + (y - cy) * math.cos(angle)) / b
+        mask = np.abs(u) ** power + np.abs(v) ** power <= 1.0
+    elif kind == 2:
+        theta, rho = np.arctan2(y - cy, x - cx), np.hypot(x - cx, y - cy)
+        edge = np.ones_like(theta)
+        for harmonic in range(1, int(rng.integers(2, 7))):
+            edge += rng.uniform(0.0, 0.3) * np.cos(harmonic * theta + rng.uniform(0.0, 2.0 * math.pi))
+        mask = rho <= radius * edge / 1.3
+    else:
+        canvas = np.zeros((size, size), np.uint8)
+        ends = np.round(np.stack([[cx, cy], [cx, cy] + rng.uniform(-2.0, 2.0, 2) * radius])).astype(np.int32)
+        cv2.line(canvas, tuple(map(int, ends[0])), tuple(map(int, ends[1])), 1, int(rng.integers(1, 6)), cv2.LINE_8)
+        mask = canvas.astype(bool)
+    if kind != 3 and rng.random() < 0.15:  # a hole: keep only an outer band
+        mask &= ~(np.hypot(x - cx, y - cy) <= radius * rng.uniform(0.3, 0.6))
+    return mask
+
+
+def random_content(seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One procedurally random training image and its foreground mask: ``(3, size, size)`` in [-1, 1], ``(1, size,
+    size)`` in {0, 1}.
+
+    A flat (sometimes two-colour patterned) background under one to four random shapes (polygons, superellipses,
+    Fourier blobs, thick strokes, some with holes), each filled with a random colour or a two-colour stripe, check,
+    dot, gradient or noise pattern. A pure function of ``seed`` in its own seed space
+    (``default_rng([RANDOM_CONTENT_TAG, seed])``), built differently from the held-out user-style subjects.
+    """
+    if seed < 0:
+        raise MagDiffInputError(f"seed must be non-negative, got {seed}.")
+    rng = np.random.default_rng([RANDOM_CONTENT_TAG, seed])
+    background = _random_colour(rng)
+    image = np.broadcast_to(background, (size, size, 3)).copy()
+    if rng.random() < 0.2:
+        weight = _random_field(rng, size)[..., None]
+        image = image * (1.0 - weight) + _random_colour(rng) * weight
+    mask = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(1, 5))):
+        shape = _random_shape(rng, size)
+        fill = np.broadcast_to(_random_colour(rng), (size, size, 3))
+        if rng.random() < 0.65:
+            base = fill[0, 0]
+            second = pattern_colour(tuple(int(c) for c in base)) if rng.random() < 0.25 else _random_colour(rng)
+            weight = _random_field(rng, size)[..., None]
+            fill = base * (1.0 - weight) + np.asarray(second, np.float64) * weight
+        image[shape] = fill[shape]
+        mask |= shape
+    pixels = np.round(np.clip(image, 0.0, 255.0)).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(mask[None].astype(np.float32))
+
+
 class _TrainFrames:
-    """Batches of random frames from freshly generated world training samples (new seeds every batch)."""
+    """Batches of training frames: random frames of freshly generated world training samples (new seeds every batch)
+    mixed with :func:`random_content` images. Its whole state is JSON (:meth:`state` / :meth:`load_state`)."""
 
     def __init__(self, config: AutoencoderConfig, world: WorldConfig, first_seed: int = 0) -> None:
         self.config = config
         self.world = world
         self.rng = np.random.default_rng(config.seed + first_seed)
         self.next_seed = first_seed
+        self.next_random_seed = first_seed
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "next_seed": self.next_seed,
+            "next_random_seed": self.next_random_seed,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.next_seed = int(state["next_seed"])
+        self.next_random_seed = int(state["next_random_seed"])
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.config.batch_size
+        num_random = round(n * self.config.random_content_fraction)
         per_sample = min(self.config.frames_per_sample, self.world.num_frames)
         images, masks = [], []
-        while len(images) < self.config.batch_size:
+        while len(images) < n - num_random:
             sample = make_sample(TRAIN_SEED_OFFSET + self.next_seed % _NUM_TRAIN_SEEDS, self.world)
             self.next_seed += 1
             for f in self.rng.choice(self.world.num_frames, size=per_sample, replace=False):
                 images.append(sample["frames"][f])
                 masks.append(sample["masks"][f])
-        n = self.config.batch_size
-        return torch.stack(images[:n]), torch.stack(masks[:n])
+        del images[n - num_random :], masks[n - num_random :]
+        for _ in range(num_random):
+            image, mask = random_content(self.next_random_seed, self.world.size)
+            self.next_random_seed += 1
+            images.append(image)
+            masks.append(mask)
+        x, mask = torch.stack(images), torch.stack(masks)
+        cut = torch.from_numpy(self.rng.random(n) < self.config.cutout_fraction)
+        x[cut] = torch.where(mask[cut] > 0.5, x[cut], torch.full_like(x[cut], -1.0))
+        return x, mask
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round trip through the posterior mean: ``(reconstructions clamped to [-1, 1], latent means)``, float32 CPU."""
+    was_training = vae.training
+    vae.eval()
+    dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    outputs, latents = [], []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            z = vae.encode(images[start : start + batch_size].to(device, dtype)).latent_dist.mean
+            latents.append(z.float().cpu())
+            outputs.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+    finally:
+        vae.train(was_training)
+    return torch.cat(outputs), torch.cat(latents)
+
+
+def subject_fidelity(
+    original: torch.Tensor, reconstructed: torch.Tensor, masks: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-subject figures of a round trip, on the 0-255 scale, over each image's subject mask. Pure function.
+
+    Args:
+        original, reconstructed: (n, 3, H, W) in [-1, 1]. masks: (n, 1, H, W) in {0, 1}, none empty.
+
+    Returns (each a float tensor of shape (n,)):
+        ``colour_error``: the subject's mean RGB after the round trip vs before, ``|mean_rec - mean_orig|`` per channel,
+        averaged over the three channels;
+        ``pixel_mae``: mean absolute pixel error over the mask (all channels);
+        ``mask_psnr``: PSNR (dB, peak 255) over the mask;
+        ``original_std``, ``reconstructed_std``: RMS deviation of the pixels from the subject's mean colour (the
+        pattern's contrast), before and after;
+        ``pattern_r2``: how much of the pattern survives, ``1 - |(rec - mean_rec) - (orig - mean_orig)|^2 /
+        |orig - mean_orig|^2`` over the mask (1: every pattern pixel right; 0: flattened to its mean colour; NaN for
+        subjects without a pattern).
+    """
+    if original.shape != reconstructed.shape or original.ndim != 4 or masks.shape[1:] != (1, *original.shape[2:]):
+        raise MagDiffInputError(
+            f"need original and reconstructed (n, 3, H, W) and masks (n, 1, H, W); got {tuple(original.shape)}, "
+            f"{tuple(reconstructed.shape)}, {tuple(masks.shape)}."
+        )
+    mask = (masks > 0.5).to(torch.float64)
+    count = mask.sum(dim=(1, 2, 3))
+    if bool((count == 0).any()):
+        raise MagDiffInputError("every mask must cover at least one pixel.")
+    before = (original.to(torch.float64).clamp(-1, 1) + 1.0) * 127.5
+    after = (reconstructed.to(torch.float64).clamp(-1, 1) + 1.0) * 127.5
+    mean_before = (before * mask).sum(dim=(2, 3)) / count[:, None]  # (n, 3)
+    mean_after = (after * mask).sum(dim=(2, 3)) / count[:, None]
+    values = 3.0 * count
+    squared = ((after - before).square() * mask).sum(dim=(1, 2, 3)) / values
+    centred_before = (before - mean_before[..., None, None]) * mask
+    centred_after = (after - mean_after[..., None, None]) * mask
+    variance_before = centred_before.square().sum(dim=(1, 2, 3))
+    residual = (centred_after - centred_before).square().sum(dim=(1, 2, 3))
+    patterned = (variance_before / values).sqrt() > _PATTERN_STD
+    r2 = torch.where(patterned, 1.0 - residual / variance_before.clamp_min(1e-12), torch.full_like(residual, math.nan))
+    return {
+        "colour_error": (mean_after - mean_before).abs().mean(dim=1).float(),
+        "pixel_mae": (((after - before).abs() * mask).sum(dim=(1, 2, 3)) / values).float(),
+        "mask_psnr": (10.0 * torch.log10(255.0**2 / squared.clamp_min(1e-10))).float(),
+        "original_std": (variance_before / values).sqrt().float(),
+        "reconstructed_std": (centred_after.square().sum(dim=(1, 2, 3)) / values).sqrt().float(),
+        "pattern_r2": r2.float(),
+    }
+
+
+def _summarise(fidelity: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """Median and mean over subjects of the :func:`subject_fidelity` figures (pattern ones over patterned subjects)."""
+    patterned = ~torch.isnan(fidelity["pattern_r2"])
+    summary: dict[str, float] = {}
+    for name in ("colour_error", "pixel_mae", "mask_psnr"):
+        summary[f"{prefix}{name}_median"] = float(fidelity[name].median())
+        summary[f"{prefix}{name}_mean"] = float(fidelity[name].mean())
+    if bool(patterned.any()):
+        r2 = fidelity["pattern_r2"][patterned]
+        ratio = fidelity["reconstructed_std"][patterned] / fidelity["original_std"][patterned]
+        summary[f"{prefix}pattern_r2_median"] = float(r2.median())
+        summary[f"{prefix}pattern_r2_mean"] = float(r2.mean())
+        summary[f"{prefix}pattern_std_ratio_median"] = float(ratio.median())
+        summary[f"{prefix}pattern_std_ratio_mean"] = float(ratio.mean())
+        summary[f"{prefix}patterns_kept"] = float((r2 >= 0.5).float().mean())
+    summary[f"{prefix}num_patterned"] = float(patterned.sum())
+    return summary
+
+
+def evaluate_subjects(
+    vae: AutoencoderKL, subjects: UserStyleSet | None = None, prefix: str = "user_"
+) -> dict[str, float]:
+    """Round-trip a set of subject images (default: the 64 user-style subjects) and summarise
+    :func:`subject_fidelity`: ``<prefix>colour_error_median``, ``..._mean``, ``<prefix>pixel_mae_*``,
+    ``<prefix>mask_psnr_*``, ``<prefix>pattern_r2_*``, ``<prefix>pattern_std_ratio_*``, ``<prefix>patterns_kept``
+    (share of patterned subjects with ``pattern_r2 >= 0.5``), ``<prefix>num_patterned``, ``<prefix>psnr`` (whole
+    images, dB, [0, 1] scale)."""
+    subjects = subjects if subjects is not None else user_style_subjects()
+    output, _ = reconstruct(vae, subjects.images)
+    summary = _summarise(subject_fidelity(subjects.images, output, subjects.masks), prefix)
+    summary[f"{prefix}psnr"] = _psnr(float(((output - subjects.images) / 2.0).square().mean()))
+    return summary
 
 
 @torch.no_grad()
@@ -232,44 +511,26 @@ def evaluate_autoencoder(
         ``subject_psnr``: the same over the subject's pixels only;
         ``subject_mae``: mean absolute error over the subject's pixels (all channels);
         ``background_mae``: mean absolute error over the background pixels;
+        ``world_colour_error_median`` / ``_mean`` and the other per-subject figures of :func:`subject_fidelity`
+        (0-255 scale, prefixed ``world_``, see :func:`evaluate_subjects`);
         ``latent_mean``, ``latent_std``: mean and std of all elements of the (unscaled) latent means;
         ``num_frames``.
     """
     frames, masks = world_frames(num_frames, seed_offset, world)
-    was_training = vae.training
-    vae.eval()
-    dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    sq_err = sq_subject = abs_subject = abs_background = 0.0
-    n_subject = n_background = 0.0
-    latents = []
-    try:
-        for start in range(0, num_frames, batch_size):
-            x = frames[start : start + batch_size].to(device, dtype)
-            m = masks[start : start + batch_size].to(device, dtype)
-            z = vae.encode(x).latent_dist.mean
-            latents.append(z.float().cpu())
-            y = vae.decode(z).sample
-            err = ((y.float().clamp(-1, 1) - x.float()) / 2.0).cpu()  # on the [0, 1] scale
-            m3 = m.float().cpu().expand_as(err)
-            sq_err += float(err.square().sum())
-            sq_subject += float((err.square() * m3).sum())
-            abs_subject += float((err.abs() * m3).sum())
-            abs_background += float((err.abs() * (1.0 - m3)).sum())
-            n_subject += float(m3.sum())
-            n_background += float((1.0 - m3).sum())
-    finally:
-        vae.train(was_training)
-    all_latents = torch.cat(latents)
-    mse = sq_err / frames.numel()
-    subject_mse = sq_subject / max(n_subject, 1.0)
+    output, latents = reconstruct(vae, frames, batch_size)
+    err = (output - frames) / 2.0  # on the [0, 1] scale
+    m3 = masks.expand_as(err)
+    n_subject, n_background = float(m3.sum()), float((1.0 - m3).sum())
+    mse = float(err.square().mean())
+    subject_mse = float((err.square() * m3).sum()) / max(n_subject, 1.0)
     return {
         "psnr": _psnr(mse),
         "subject_psnr": _psnr(subject_mse),
-        "subject_mae": abs_subject / max(n_subject, 1.0),
-        "background_mae": abs_background / max(n_background, 1.0),
-        "latent_mean": float(all_latents.mean()),
-        "latent_std": float(all_latents.std()),
+        "subject_mae": float((err.abs() * m3).sum()) / max(n_subject, 1.0),
+        "background_mae": float((err.abs() * (1.0 - m3)).sum()) / max(n_background, 1.0),
+        **_summarise(subject_fidelity(frames, output, masks), "world_"),
+        "latent_mean": float(latents.mean()),
+        "latent_std": float(latents.std()),
         "num_frames": float(num_frames),
     }
 
@@ -296,16 +557,22 @@ def _learning_rate(config: AutoencoderConfig, step: int) -> float:
 def _loss(
     vae: AutoencoderKL, x: torch.Tensor, mask: torch.Tensor, config: AutoencoderConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    posterior = vae.encode(x).latent_dist
-    y = vae.decode(posterior.sample(generator=generator)).sample
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.sample(generator=generator)).sample
+    y = y.float()
     weight = 1.0 + (config.subject_loss_weight - 1.0) * mask  # (n, 1, H, W), broadcast over channels
     weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)  # keep the loss scale independent of subject size
     diff = y - x
     l1 = (diff.abs() * weight).mean()
     l2 = (diff.square() * weight).mean()
-    kl = posterior.kl().sum() / x.numel()
-    loss = l1 + config.l2_weight * l2 + config.kl_weight * kl
-    return loss, {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
+    edge_x = (diff[..., :, 1:] - diff[..., :, :-1]).abs() * torch.maximum(weight[..., :, 1:], weight[..., :, :-1])
+    edge_y = (diff[..., 1:, :] - diff[..., :-1, :]).abs() * torch.maximum(weight[..., 1:, :], weight[..., :-1, :])
+    edge = 0.5 * (edge_x.mean() + edge_y.mean())
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()
+    loss = l1 + config.l2_weight * l2 + config.edge_weight * edge + config.kl_weight * kl
+    return loss, {"l1": float(l1.detach()), "l2": float(l2.detach()), "edge": float(edge.detach()), "kl": float(kl.detach())}
 
 
 def _default_permissions(folder: Path) -> None:
@@ -334,6 +601,84 @@ def _atomic_replace_dir(source: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+# Configuration fields a resumed run may change: everything else must match the checkpoint's.
+_RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "num_eval_frames", "num_final_eval_frames"})
+
+
+@dataclass
+class _Checkpointing:
+    directory: Path | None
+    every: int
+    keep: int
+    resume: str | None
+
+
+def _save_checkpoint(
+    settings: _Checkpointing,
+    step: int,
+    vae: AutoencoderKL,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    state: dict[str, Any],
+) -> Path:
+    """Write ``directory/step_XXXXXX`` (``vae``, ``optimizer`` and ``rng`` safetensors + ``state.json``) atomically
+    and keep only the newest ``keep`` checkpoints."""
+    assert settings.directory is not None
+    root = settings.directory
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(staging / "vae.safetensors"))
+        tensors, metadata = optimizer_to_safetensors(optimizer)
+        save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
+        save_file({"torch_generator": generator.get_state()}, str(staging / "rng.safetensors"))
+        (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[: -settings.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(
+    path: Path,
+    config: AutoencoderConfig,
+    vae: AutoencoderKL,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Restore the model, optimiser and RNG from a checkpoint folder; returns its ``state.json``."""
+    state = json.loads((path / "state.json").read_text())
+    saved = state["config"]
+    differing = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in _RESUMABLE_CHANGES)
+    if differing:
+        raise MagDiffInputError(
+            f"checkpoint {path} was trained with another configuration ({', '.join(differing)} differ); resume "
+            f"with the same settings (only {', '.join(sorted(_RESUMABLE_CHANGES))} may change)."
+        )
+    if state["step"] > config.steps:
+        raise MagDiffInputError(f"checkpoint {path} is at step {state['step']}, past steps={config.steps}.")
+    weights = load_file(str(path / "vae.safetensors"))
+    expected = set(vae.state_dict())
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise MagDiffInputError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
+    vae.load_state_dict(weights)
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+    optimizer.load_state_dict(optimizer_from_safetensors(tensors, metadata))
+    generator.set_state(load_file(str(path / "rng.safetensors"))["torch_generator"])
+    return state
+
+
 def train_autoencoder(
     config: AutoencoderConfig,
     output_dir: str | os.PathLike[str],
@@ -341,25 +686,49 @@ def train_autoencoder(
     progress: bool = True,
     log_path: str | os.PathLike[str] | None = None,
     world: WorldConfig | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 500,
+    keep_checkpoints: int = 2,
+    resume: str | None = None,
 ) -> dict[str, Any]:
     """Train a world VAE and save it (``save_pretrained``, safetensors) to ``output_dir``; return the final metrics.
 
-    Each step draws ``batch_size`` random frames from freshly generated world training samples, reconstructs them from
-    a posterior sample and minimises ``L1 + l2_weight * MSE`` (subject pixels weighted ``subject_loss_weight`` times)
-    plus ``kl_weight * KL`` with AdamW, gradient clipping and a warm-up + cosine learning rate. Every ``eval_every``
-    steps (and at the end) the model is evaluated on ``num_eval_frames`` held-out frames and a JSON line ``{step, loss,
-    psnr, subject_mae, ..., seconds}`` is appended to the log. After training, the latent std over
-    ``num_final_eval_frames`` held-out frames sets ``scaling_factor = 1 / std`` in the saved config.
+    Each step draws ``batch_size`` training frames (world frames and :func:`random_content` images, some cut out on
+    black), reconstructs them from a posterior sample and minimises ``L1 + l2_weight * MSE + edge_weight * edge L1``
+    (subject pixels weighted ``subject_loss_weight`` times) plus ``kl_weight * KL`` with AdamW, gradient clipping and
+    a warm-up + cosine learning rate. Every ``eval_every`` steps (and at the end) the model is evaluated on
+    ``num_eval_frames`` held-out world frames and the user-style subjects, and a JSON line ``{step, loss, psnr,
+    world_colour_error_median, user_colour_error_median, user_pattern_r2_median, ..., seconds}`` is appended to the
+    log. After training, the latent std over ``num_final_eval_frames`` held-out frames sets ``scaling_factor = 1 /
+    std`` in the saved config.
 
-    The folder is written atomically: everything (weights, config, and the log when ``log_path`` is ``None``, as
-    ``training_log.jsonl``) goes to a temporary sibling folder that is renamed into place at the end; an existing
-    ``output_dir`` is replaced. Nothing is left behind on failure. The number of torch threads is the caller's choice.
+    With ``checkpoint_dir``, a checkpoint ``step_XXXXXX/`` (weights, optimiser, RNG and data-stream state, log so far)
+    is written atomically every ``checkpoint_every`` steps, keeping the newest ``keep_checkpoints``. ``resume``
+    (``"latest"`` or a checkpoint folder) continues such a run exactly where it stopped: the same configuration is
+    required, except that ``steps`` (and the evaluation sizes) may change; the log file is rewritten from the
+    checkpoint's copy.
+
+    The output folder is written atomically: everything (weights, config, and the log when ``log_path`` is ``None``,
+    as ``training_log.jsonl``) goes to a temporary sibling folder that is renamed into place at the end; an existing
+    ``output_dir`` is replaced. Nothing is left behind there on failure. The number of torch threads is the caller's
+    choice.
 
     Returns:
-        The final evaluation (see :func:`evaluate_autoencoder`) plus ``scaling_factor``, ``step``, ``loss``,
-        ``seconds``, ``num_parameters`` and ``output_dir``.
+        The final evaluation (see :func:`evaluate_autoencoder` and :func:`evaluate_subjects`) plus ``scaling_factor``,
+        ``step``, ``loss``, ``seconds``, ``num_parameters`` and ``output_dir``.
     """
     world = world or WorldConfig()
+    if resume is not None and resume == "latest" and checkpoint_dir is None:
+        raise MagDiffInputError("resume='latest' needs checkpoint_dir (the folder holding the step_* checkpoints).")
+    if checkpoint_every < 1 or keep_checkpoints < 1:
+        raise MagDiffInputError(
+            f"checkpoint_every and keep_checkpoints must be >= 1, got {checkpoint_every}, {keep_checkpoints}."
+        )
+    settings = _Checkpointing(
+        Path(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every, keep_checkpoints, None
+    )
+    if resume is not None:
+        settings.resume = str(resolve_resume(settings.directory or Path("."), resume))
     target = Path(output_dir)
     if target.exists() and not target.is_dir():
         raise MagDiffInputError(f"output_dir {target} exists and is not a folder; choose another path.")
@@ -367,7 +736,7 @@ def train_autoencoder(
     workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         log_file = Path(log_path) if log_path is not None else workdir / LOG_NAME
-        metrics = _train(config, workdir, log_file, progress, world)
+        metrics = _train(config, workdir, log_file, progress, world, settings)
         _default_permissions(workdir)
         _atomic_replace_dir(workdir, target)
     except BaseException:
@@ -401,8 +770,28 @@ def _initial_model(config: AutoencoderConfig, world: WorldConfig) -> tuple[Autoe
     return vae, history
 
 
+def _evaluate(vae: AutoencoderKL, config: AutoencoderConfig, world: WorldConfig, num_frames: int) -> dict[str, float]:
+    metrics = evaluate_autoencoder(vae, num_frames, world=world)
+    if config.num_user_style_subjects > 0:
+        metrics.update(evaluate_subjects(vae, user_style_subjects(config.num_user_style_subjects, size=world.size)))
+    return metrics
+
+
+_LOGGED = (
+    "psnr", "subject_psnr", "subject_mae", "background_mae", "world_colour_error_median", "world_colour_error_mean",
+    "world_pattern_r2_median", "world_pattern_r2_mean", "world_mask_psnr_median", "user_psnr",
+    "user_colour_error_median", "user_colour_error_mean", "user_pattern_r2_median", "user_pattern_r2_mean",
+    "user_pattern_std_ratio_median", "user_patterns_kept", "user_mask_psnr_median", "latent_std",
+)  # fmt: skip
+
+
 def _train(
-    config: AutoencoderConfig, workdir: Path, log_file: Path, progress: bool, world: WorldConfig
+    config: AutoencoderConfig,
+    workdir: Path,
+    log_file: Path,
+    progress: bool,
+    world: WorldConfig,
+    checkpointing: _Checkpointing,
 ) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     vae, history = _initial_model(config, world)
@@ -412,13 +801,23 @@ def _train(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     data = _TrainFrames(config, world, first_seed=step_offset * config.batch_size)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.write_text("".join(json.dumps(record) + "\n" for record in history))
-    start = time.perf_counter()
+    first_step, elapsed = 1, 0.0
     running: list[float] = []
     last_loss = float("nan")
+    if checkpointing.resume is not None:
+        state = _load_checkpoint(Path(checkpointing.resume), config, vae, optimizer, generator)
+        data.load_state(state["data"])
+        first_step, elapsed = int(state["step"]) + 1, float(state["seconds"])
+        step_offset, history = int(state["step_offset"]), list(state["log"])
+        running, last_loss = list(state["running"]), float(state["last_loss"])
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text("".join(json.dumps(record) + "\n" for record in history))
+    records = list(history)
+    history_offset = step_offset  # the step count of the init_from model, kept in every checkpoint
+    start = time.perf_counter() - elapsed
 
     def log(record: dict[str, Any]) -> None:
+        records.append(record)
         with log_file.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if progress:
@@ -426,7 +825,9 @@ def _train(
 
     if progress:
         print(f"world VAE: {num_parameters} parameters, config {json.dumps(config.to_dict())}", flush=True)
-    for step in range(1, config.steps + 1):
+        if first_step > 1:
+            print(f"resumed from {checkpointing.resume} at step {first_step - 1}", flush=True)
+    for step in range(first_step, config.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step - 1)
         x, mask = data.batch()
@@ -438,24 +839,25 @@ def _train(
         optimizer.step()
         running.append(float(loss.detach()))
         if step % config.eval_every == 0 or step == config.steps:
-            metrics = evaluate_autoencoder(vae, config.num_eval_frames, world=world)
-            log(
-                {
-                    "step": step_offset + step,
-                    "loss": float(np.mean(running)),
-                    "psnr": round(metrics["psnr"], 3),
-                    "subject_psnr": round(metrics["subject_psnr"], 3),
-                    "subject_mae": round(metrics["subject_mae"], 5),
-                    "background_mae": round(metrics["background_mae"], 5),
-                    "latent_std": round(metrics["latent_std"], 4),
-                    "lr": _learning_rate(config, step - 1),
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-            )
+            metrics = _evaluate(vae, config, world, config.num_eval_frames)
             last_loss = float(np.mean(running))
+            record = {"step": step_offset + step, "loss": last_loss}
+            record.update({name: round(metrics[name], 4) for name in _LOGGED if name in metrics})
+            log({**record, "lr": _learning_rate(config, step - 1), "seconds": round(time.perf_counter() - start, 1)})
             running = []
+        if checkpointing.directory is not None and (step % checkpointing.every == 0 or step == config.steps):
+            state = {
+                "step_offset": history_offset,
+                "seconds": time.perf_counter() - start,
+                "config": config.to_dict(),
+                "data": data.state(),
+                "running": running,
+                "last_loss": last_loss,
+                "log": records,
+            }
+            _save_checkpoint(checkpointing, step, vae, optimizer, generator, state)
 
-    final = evaluate_autoencoder(vae, config.num_final_eval_frames, world=world)
+    final = _evaluate(vae, config, world, config.num_final_eval_frames)
     scaling_factor = 1.0 / final["latent_std"]
     vae.register_to_config(scaling_factor=scaling_factor)
     vae.save_pretrained(workdir, safe_serialization=True)
@@ -490,6 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (AutoencoderKL.save_pretrained layout)")
     parser.add_argument("--log", default=None, help=f"JSONL log path (default: OUT/{LOG_NAME})")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--checkpoint-dir", default=None, help="write resumable step_* checkpoints into this folder")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--resume", default=None, help="'latest' (in --checkpoint-dir) or a step_* folder")
     parser.add_argument("--channels", type=_parse_channels, default=defaults.block_out_channels)
     parser.add_argument("--layers-per-block", type=int, default=defaults.layers_per_block)
     parser.add_argument("--latent-channels", type=int, default=defaults.latent_channels)
@@ -499,19 +905,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--frames-per-sample", type=int, default=defaults.frames_per_sample)
+    parser.add_argument("--random-fraction", type=float, default=defaults.random_content_fraction)
+    parser.add_argument("--cutout-fraction", type=float, default=defaults.cutout_fraction)
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--min-lr", type=float, default=defaults.min_learning_rate)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
     parser.add_argument("--l2-weight", type=float, default=defaults.l2_weight)
+    parser.add_argument("--edge-weight", type=float, default=defaults.edge_weight)
     parser.add_argument("--subject-weight", type=float, default=defaults.subject_loss_weight)
     parser.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (faster on CPU)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--init-from", default=None, help="continue training the VAE saved in this folder")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-frames", type=int, default=defaults.num_eval_frames)
     parser.add_argument("--final-eval-frames", type=int, default=defaults.num_final_eval_frames)
+    parser.add_argument("--user-style-subjects", type=int, default=defaults.num_user_style_subjects)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -527,21 +938,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             frames_per_sample=args.frames_per_sample,
+            random_content_fraction=args.random_fraction,
+            cutout_fraction=args.cutout_fraction,
             learning_rate=args.lr,
             min_learning_rate=args.min_lr,
             warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay,
             grad_clip=args.grad_clip,
             l2_weight=args.l2_weight,
+            edge_weight=args.edge_weight,
             subject_loss_weight=args.subject_weight,
             kl_weight=args.kl_weight,
+            bf16=args.bf16,
             seed=args.seed,
             init_from=args.init_from,
             eval_every=args.eval_every,
             num_eval_frames=args.eval_frames,
             num_final_eval_frames=args.final_eval_frames,
+            num_user_style_subjects=args.user_style_subjects,
         )
-        metrics = train_autoencoder(config, args.out, progress=not args.quiet, log_path=args.log)
+        metrics = train_autoencoder(
+            config,
+            args.out,
+            progress=not args.quiet,
+            log_path=args.log,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            resume=args.resume,
+        )
     except MagDiffInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
