@@ -77,7 +77,8 @@ def test_fixed_apa_unet_equals_diffusers_ip_adapter_unet(public_parts, scale):
         encoder_hidden_states=text.repeat_interleave(frames, dim=0),
         added_cond_kwargs={"image_embeds": [features]},
     ).sample
-    out = pipeline.unet(sample, 50, encoder_hidden_states=text, subject_embeds=features).sample
+    subject = pipeline.unet.encode_subject(features, None, sample.shape[-2:])
+    out = pipeline.unet(sample, 50, encoder_hidden_states=text, subject=subject).sample
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 

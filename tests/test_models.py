@@ -53,6 +53,10 @@ def _inputs(frames=4, size=8, seed=0):
     return sample, torch.tensor(10), text, embeds, latents
 
 
+def _subject(unet, embeds, latents, size=8):
+    return unet.encode_subject(embeds, latents, (size, size))
+
+
 # ---------------------------------------------------------------------- APA
 
 
@@ -154,7 +158,7 @@ def test_fresh_magdiff_unet_equals_its_base(base_and_magdiff):
     # HFA latents are present (random) but the new conv_in channels are zero; the image branch is switched off.
     unet.set_apa_weights(a_img=0.0)
     try:
-        out = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
+        out = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
     finally:
         unet.set_apa_weights(a_img=1.5)
     torch.testing.assert_close(out.sample, expected, atol=1e-5, rtol=1e-4)
@@ -163,7 +167,7 @@ def test_fresh_magdiff_unet_equals_its_base(base_and_magdiff):
         unet(sample, timestep, encoder_hidden_states=text).sample, expected, atol=1e-5, rtol=1e-4
     )
     # And the image branch does change the output once a_img != 0.
-    changed = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
+    changed = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
     assert (changed.sample - expected).abs().max() > 1e-3
 
 
@@ -171,7 +175,7 @@ def test_fresh_magdiff_unet_equals_its_base(base_and_magdiff):
 def test_hfa_variants_run(hfa):
     unet = MagDiffUNetModel.from_unet_motion(_base_unet(), hfa=hfa, **UNET_KWARGS)
     sample, timestep, text, embeds, latents = _inputs()
-    out = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
+    out = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
     assert out.sample.shape == sample.shape
     assert unet.conv_in.in_channels == (4 if hfa == "off" else 8)
     assert (unet.hfa_fusion is None) == (hfa != "pyramid")
@@ -184,8 +188,8 @@ def test_subject_tokens_reach_every_frame(base_and_magdiff):
     other = embeds.clone()
     other[:, 0] = torch.randn_like(other[:, 0])
     with torch.no_grad():
-        first = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
-        second = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=other, subject_latents=latents)
+        first = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
+        second = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, other, latents))
     per_frame = (first.sample - second.sample).abs().amax(dim=(0, 1, 3, 4))
     assert torch.all(per_frame > 1e-4)
 
@@ -200,7 +204,7 @@ def test_gradients_reach_exactly_the_trainable_set():
     with torch.no_grad():
         unet.conv_in.weight[:, 4:].normal_(0.0, 0.02)
     sample, timestep, text, embeds, latents = _inputs()
-    out = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
+    out = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
     out.sample.square().mean().backward()
 
     named = dict(unet.named_parameters())
@@ -262,143 +266,18 @@ def test_unet_save_load_round_trip(tmp_path, base_and_magdiff):
         assert torch.equal(value, loaded_state[key]), key
     sample, timestep, text, embeds, latents = _inputs()
     with torch.no_grad():
-        expected = unet(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
-        out = loaded(sample, timestep, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=latents)
+        expected = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
+        out = loaded(sample, timestep, encoder_hidden_states=text, subject=_subject(loaded, embeds, latents))
     torch.testing.assert_close(out.sample, expected.sample)
     unet.set_apa_weights(a_img=1.5, a_txt=1.0)
     with torch.no_grad():
         unet.conv_in.weight[:, 4:].zero_()
 
 
-def test_position_embeddings_start_as_the_model_and_tell_frames_and_places_apart(tmp_path, base_and_magdiff):
-    _, unet = base_and_magdiff
-    with_positions = MagDiffUNetModel.from_magdiff_base(unet, new_subject_parts=False, position_embeddings=True).eval()
-    assert with_positions.config.position_embeddings and not unet.config.get("position_embeddings", False)
-    sample, timestep, text, embeds, latents = _inputs()
-    conditions = {"encoder_hidden_states": text, "subject_embeds": embeds, "subject_latents": latents}
-    with torch.no_grad():
-        expected = unet(sample, timestep, **conditions).sample
-        # Zero-initialised: exactly the model it was built from (every other weight is kept).
-        torch.testing.assert_close(with_positions(sample, timestep, **conditions).sample, expected)
-
-        # conv_in's output gains frame f's embedding in frame f and position (y, x)'s at (y, x), for every clip.
-        outputs = []
-        handle = with_positions.conv_in.register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
-        with_positions(sample.repeat(2, 1, 1, 1, 1), timestep, encoder_hidden_states=text.repeat(2, 1, 1))
-        before = outputs.pop()
-        with_positions.frame_position.normal_()
-        with_positions.spatial_position.normal_()
-        with_positions(sample.repeat(2, 1, 1, 1, 1), timestep, encoder_hidden_states=text.repeat(2, 1, 1))
-        handle.remove()
-        added = (outputs.pop() - before).view(2, 4, *before.shape[1:])  # (b, F, C, h, w)
-        spatial, frames = with_positions.spatial_position, with_positions.frame_position
-        wanted = spatial[None] + frames[:4, :, None, None]
-        torch.testing.assert_close(added[0], wanted)
-        torch.testing.assert_close(added[1], wanted)
-        # Other latent sizes read an interpolated spatial embedding.
-        small = _inputs(size=6)
-        assert with_positions(small[0], timestep, encoder_hidden_states=text).sample.shape == small[0].shape
-
-    with_positions.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
-    assert torch.equal(loaded.frame_position, with_positions.frame_position)
-    assert "frame_position" in trainable_parameter_names(loaded)
-
-
-def test_spacetime_block_starts_as_identity_and_lets_any_frame_read_any_place():
-    from magdiff.models.spacetime import SpaceTimeBlock
-
-    torch.manual_seed(0)
-    block = SpaceTimeBlock(16, text_dim=8, num_heads=2, max_frames=8, size=(3, 3))
-    hidden = torch.randn(2 * 4, 16, 3, 3)  # two clips of four frames
-    text = torch.randn(2, 5, 8)
-    torch.testing.assert_close(block(hidden, text, num_frames=4), hidden)  # zero-initialised residuals
-    with torch.no_grad():
-        for output in (block.attn.to_out[0], block.text_attn.to_out[0], block.ff.net[-1]):
-            output.weight.normal_()
-    hidden.requires_grad_(True)
-    text.requires_grad_(True)
-    out = block(hidden, text, num_frames=4)
-    # Frame 3's top-left token reads frame 0's bottom-right one and its clip's text, not the other clip's.
-    grad, text_grad = torch.autograd.grad(out[3, :, 0, 0].sum(), (hidden, text))
-    assert grad[0, :, 2, 2].abs().sum() > 0
-    assert grad[4:].abs().sum() == 0
-    assert text_grad[0].abs().sum() > 0 and text_grad[1].abs().sum() == 0
-    # Frame embeddings tell frames apart: the same content in every frame gives different outputs per frame.
-    same = torch.randn(1, 16, 3, 3).repeat(4, 1, 1, 1)
-    out = block(same, text[:1].detach(), num_frames=4)
-    assert not torch.allclose(out[0], out[3])
-    assert block(torch.randn(4, 16, 5, 2), text[:1], num_frames=4).shape == (4, 16, 5, 2)  # other sizes: interpolated
-    with pytest.raises(ValueError, match="exceed the 8 frame embeddings"):
-        block(torch.randn(9, 16, 3, 3), text[:1], num_frames=9)
-
-
-def test_spacetime_attention_added_to_a_model_starts_from_its_predictions(tmp_path, base_and_magdiff):
-    _, unet = base_and_magdiff
-    with_block = MagDiffUNetModel.from_magdiff_base(unet, new_subject_parts=False, spacetime_attention=True).eval()
-    assert with_block.config.spacetime_attention and not unet.config.get("spacetime_attention", False)
-    sample, timestep, text, embeds, latents = _inputs()
-    conditions = {"encoder_hidden_states": text, "subject_embeds": embeds, "subject_latents": latents}
-    with torch.no_grad():
-        expected = unet(sample, timestep, **conditions).sample
-        torch.testing.assert_close(with_block(sample, timestep, **conditions).sample, expected)
-        with_block.spacetime_block.attn.to_out[0].weight.normal_()
-        assert not torch.allclose(with_block(sample, timestep, **conditions).sample, expected)  # the hook is live
-    with_block.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
-    assert torch.equal(loaded.spacetime_block.attn.to_out[0].weight, with_block.spacetime_block.attn.to_out[0].weight)
-    assert "spacetime_block.attn.to_q.weight" in trainable_parameter_names(loaded)
-
-
-def test_first_frame_attention_starts_as_identity_and_the_prompt_chooses_where_frames_read():
-    from magdiff.models.first_frame import FirstFrameAttention
-
-    torch.manual_seed(0)
-    layer = FirstFrameAttention(8, text_dim=6, num_heads=2, max_frames=4, size=(5, 5), num_components=2)
-    hidden = torch.randn(2 * 3, 8, 5, 5)  # two clips of three frames
-    text = torch.randn(2, 4, 6)
-    torch.testing.assert_close(layer(hidden, text, num_frames=3), hidden)  # zero-initialised output
-    # The prompt decides the mixing weights (through the pooled text).
-    assert not torch.allclose(layer.mixing_weights(text[:1]), layer.mixing_weights(text[1:]))
-    with torch.no_grad():
-        layer.to_out.weight.copy_(torch.eye(8))
-        layer.to_q.weight.zero_()  # logits = the bias alone
-        # Component 1: frame 2 reads frame 0 two places to the left (dx = x - x' = +2), with a strong bias.
-        layer.bias_tables[1, :, 2, 4, 6] = 2.0  # x BIAS_SCALE
-    hidden.requires_grad_(True)
-    out = layer(hidden, text, num_frames=3)
-    weights = layer.mixing_weights(text)
-    assert weights.shape == (2, 3) and torch.all(weights[:, 0] == 1)
-    # Only frame 0 is read, and only by the same clip.
-    (grad,) = torch.autograd.grad(out[2, :, 1, 3].sum(), hidden)
-    assert grad[1].abs().sum() == 0 and grad[3:].abs().sum() == 0
-    # With the component's weight large and positive, frame 2 at (1, 3) reads frame 0 at (1, 1) almost only.
-    with torch.no_grad():
-        layer.to_mix.weight.zero_()
-        layer.to_mix.bias.copy_(torch.tensor([1.0, 0.0]))
-        values = layer.to_v(layer.norm(hidden[:1]).flatten(2).transpose(1, 2))[0]  # (hw, C) of clip 0, frame 0
-        added = layer(hidden, text, num_frames=3)[2, :, 1, 3] - hidden[2, :, 1, 3]
-        torch.testing.assert_close(added, values[1 * 5 + 1], atol=1e-3, rtol=1e-3)
-        # Another prompt that switches the component off reads frame 0 everywhere (no single place).
-        layer.to_mix.bias.zero_()
-        added = layer(hidden, text, num_frames=3)[2, :, 1, 3] - hidden[2, :, 1, 3]
-        assert (added - values[1 * 5 + 1]).abs().max() > 1e-2
-    assert layer(torch.randn(3, 8, 7, 6), text[:1], num_frames=3).shape == (3, 8, 7, 6)  # larger: table edges
-    with pytest.raises(ValueError, match="5 frames exceed the 4"):
-        layer(torch.randn(5, 8, 5, 5), text[:1], num_frames=5)
-
-
-def test_first_frame_attention_added_to_a_model_starts_from_its_predictions(tmp_path, base_and_magdiff):
-    _, unet = base_and_magdiff
-    with_layer = MagDiffUNetModel.from_magdiff_base(unet, new_subject_parts=False, first_frame_attention=True).eval()
-    sample, timestep, text, embeds, latents = _inputs()
-    conditions = {"encoder_hidden_states": text, "subject_embeds": embeds, "subject_latents": latents}
-    with torch.no_grad():
-        expected = unet(sample, timestep, **conditions).sample
-        torch.testing.assert_close(with_layer(sample, timestep, **conditions).sample, expected)
-        with_layer.first_frame_block.to_out.weight.normal_()
-        assert not torch.allclose(with_layer(sample, timestep, **conditions).sample, expected)  # the hook is live
-    with_layer.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
-    assert torch.equal(loaded.first_frame_block.to_out.weight, with_layer.first_frame_block.to_out.weight)
-    assert "first_frame_block.bias_tables" in trainable_parameter_names(loaded)
+def test_new_parameters_are_known_by_construction(base_and_magdiff):
+    base, unet = base_and_magdiff
+    new = set(unet.state_dict()) - set(base.state_dict())
+    assert new == unet.magdiff_parameter_names()
+    assert unet.subject_parameter_names() <= unet.magdiff_parameter_names()
+    assert any(name.startswith("resampler.") for name in unet.subject_parameter_names())
+    assert any(name.endswith(".processor.to_k_ip.weight") for name in unet.subject_parameter_names())

@@ -39,13 +39,10 @@ def test_world_unet_shapes_and_from_scratch_hfa():
     assert unet.config.hfa == "pyramid" and unet.config.apa == "learned"
     assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) > 0  # from scratch: the HFA channels are open
     sample = torch.randn(1, 4, 4, 16, 16)
-    out = unet(
-        sample,
-        10,
-        torch.randn(1, 16, 64),
-        subject_embeds=torch.randn(1, 4, 65, 64),
-        subject_latents=[torch.randn(1, 4, 4, s, s) for s in (16, 20, 24)],
+    subject = unet.encode_subject(
+        torch.randn(1, 4, 65, 64), [torch.randn(1, 4, 4, s, s) for s in (16, 20, 24)], sample.shape[-2:]
     )
+    out = unet(sample, 10, torch.randn(1, 16, 64), subject=subject)
     assert out.sample.shape == sample.shape
 
 
@@ -69,28 +66,55 @@ def test_missing_vae_folder_is_an_error(tmp_path):
         world_vae(tmp_path / "nothing")
 
 
+class _Fixed(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
 def test_text_time_conditioning_feeds_the_mean_text_token_to_the_time_embedding(tmp_path):
     unet = world_unet((16, 32), sample_size=16).eval()
-    assert unet.config.text_time_conditioning and unet.config.time_cond_proj_dim == 64
-    assert unet.time_embedding.cond_proj.in_features == 64
+    assert unet.config.text_time_conditioning and unet.config.time_cond_proj_dim is None  # not LCM's embedding
+    assert unet.time_embedding.cond_proj is None and unet.text_time_projection.in_features == 64
     generator = torch.Generator().manual_seed(0)
     sample, text = torch.randn(1, 4, 4, 16, 16, generator=generator), torch.randn(1, 16, 64, generator=generator)
+    # The same tokens in another order have the same mean: only the cross-attention sees the difference.
+    shuffled = text[:, torch.randperm(16, generator=generator)]
     with torch.no_grad():
-        implicit = unet(sample, 10, text).sample
-        explicit = unet(sample, 10, text, timestep_cond=text.mean(dim=1)).sample
-        per_frame = unet(sample, 10, text.repeat_interleave(4, dim=0)).sample
-        other = unet(sample, 10, text, timestep_cond=torch.zeros(1, 64)).sample
-    torch.testing.assert_close(implicit, explicit)
-    torch.testing.assert_close(implicit, per_frame)
-    assert (implicit - other).abs().max() > 1e-4  # the pooled text reaches the output through the time path
+        zero_init = unet(sample, 10, text).sample
+        unet.text_time_projection.weight.zero_()
+        assert torch.equal(unet(sample, 10, text).sample, zero_init)  # starts closed: the model as without it
+        unet.text_time_projection.weight.normal_(0.0, 0.5)
+        opened = unet(sample, 10, text).sample
+        # By hand: the projected mean token is added to the timestep features before the time embedding.
+        features = unet.time_proj(torch.tensor([10])) + unet.text_time_projection(text.mean(dim=1))
+        emb = unet.time_embedding(features)
+        unet.text_time_projection.weight.zero_()
+        original_time_proj = unet.time_proj
+        unet.time_proj = _Fixed(features)
+        try:
+            by_hand = unet(sample, 10, text).sample
+        finally:
+            unet.time_proj = original_time_proj
+        assert emb.shape == (1, unet.time_embedding.linear_2.out_features)
+    torch.testing.assert_close(opened, by_hand)
+    assert (opened - zero_init).abs().max() > 1e-4  # the pooled text reaches the output through the time path
+    unet.text_time_projection.weight.data.normal_(0.0, 0.5)
+    with torch.no_grad():
+        opened = unet(sample, 10, text).sample
+        assert not torch.allclose(unet(sample, 10, shuffled).sample, opened)  # cross-attention still reads order
     unet.save_pretrained(tmp_path / "unet")
     loaded = type(unet).from_pretrained(tmp_path / "unet").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(sample, 10, text).sample, implicit)
+        torch.testing.assert_close(loaded(sample, 10, text).sample, opened)
+    assert "text_time_projection.weight" in unet.magdiff_parameter_names()
     plain = world_unet((16, 32), sample_size=16, text_time_conditioning=False)
-    assert plain.time_embedding.cond_proj is None
-    with pytest.raises(ValueError, match="time_cond_proj_dim"):
-        type(unet)(**{**dict(unet.config), "time_cond_proj_dim": 8})
+    assert plain.text_time_projection is None
+    with pytest.raises(ValueError, match="one set of text tokens per clip"):
+        unet(sample, 10, text.repeat_interleave(4, dim=0))
 
 
 def test_world_schedule_ends_at_zero_snr_and_samples_from_the_last_step():

@@ -21,10 +21,11 @@ _EXPORTS = {
     "trainable_parameter_names": "magdiff.models.unet",
     "assemble_magdiff": "magdiff.pipelines.assembly",
     "MagDiffInputError": "magdiff.errors",
+    "PromptTruncatedWarning": "magdiff.errors",
 }
 
 if TYPE_CHECKING:
-    from .errors import MagDiffInputError
+    from .errors import MagDiffInputError, PromptTruncatedWarning
     from .models.attention import APAAttnProcessor
     from .models.hfa import HFAPyramidFusion
     from .models.trajectory import TrajectoryPredictor
@@ -46,6 +47,7 @@ __all__ = [
     "MagDiffPipeline",
     "MagDiffPipelineOutput",
     "MagDiffUNetModel",
+    "PromptTruncatedWarning",
     "TrajectoryPredictor",
     "assemble_magdiff",
     "configure_trainable_parameters",

@@ -28,6 +28,7 @@ __all__ = [
     "EMPTY_VALUE",
     "complement",
     "cut_out",
+    "draw_slot_filling",
     "editing_slots",
     "empty_slots",
     "fit_path_to_frame",
@@ -222,29 +223,27 @@ def editing_slots(
     return slots, torch.ones(frames.shape[0], dtype=torch.bool, device=frames.device)
 
 
-def random_slot_filling(
-    frames: torch.Tensor,
-    masks: torch.Tensor,
+def draw_slot_filling(
+    batch_size: int,
+    num_frames: int,
     generator: torch.Generator | None = None,
     p_all: float = 0.3,
     p_subset: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time slot filling (one draw per clip).
+) -> torch.Tensor:
+    """Which subject slots training fills, one draw per clip; returns (batch_size, num_frames) bool.
 
-    * with probability ``p_all``: every slot filled (the editing setting);
+    * with probability ``p_all``: every slot (the editing setting);
     * with probability ``p_subset``: slot 0 plus a random proper, non-empty subset of slots 1..F-1, i.e. between 2
-      and F-1 slots filled (the number of extra slots is uniform in ``1..F-2``, which slots uniform among those);
-      for ``F <= 2`` no such subset exists and this case fills every slot;
+      and F-1 slots (the number of extra slots is uniform in ``1..F-2``, which slots uniform among those); for
+      ``F <= 2`` no such subset exists and this case fills every slot;
     * otherwise: only slot 0 (the paper's first-frame generation setting).
 
-    Slot 0 is always filled, so every training example still teaches the generation case (subject in the first
-    slot) and the three settings nest. Slots are cut-outs of the subject (``frame * mask``); a chosen frame whose mask
-    is empty (subject out of view) gives an all-black slot and is reported as not filled.
-
-    Draws come only from ``generator`` (CPU ``torch.Generator``), so the same seed gives the same filling.
+    Slot 0 is always filled, so every training example still teaches the generation case and the three settings
+    nest. Draws come only from ``generator`` (a CPU ``torch.Generator``): the same seed gives the same filling. This
+    is the one rule: the trainer (on cached slot encodings) and :func:`random_slot_filling` (on pixels) both use it.
 
     Raises:
-        MagDiffInputError: probabilities outside ``[0, 1]`` or ``p_all + p_subset > 1``, or wrong shapes.
+        MagDiffInputError: probabilities outside ``[0, 1]`` or ``p_all + p_subset > 1``.
     """
     for name, value in (("p_all", p_all), ("p_subset", p_subset)):
         if not 0.0 <= float(value) <= 1.0:
@@ -254,23 +253,42 @@ def random_slot_filling(
             f"p_all + p_subset must be at most 1 (the rest is the first-frame-only probability), got "
             f"{p_all} + {p_subset} = {p_all + p_subset}."
         )
+    draw = torch.rand(batch_size, generator=generator)
+    all_slots = (draw < p_all) | ((draw < p_all + p_subset) & (num_frames <= 2))
+    subset = (draw >= p_all) & (draw < p_all + p_subset) & (num_frames > 2)
+    # A uniform count of extra slots in 1..F-2, placed on a uniformly random ordering of slots 1..F-1.
+    extra = torch.randint(1, max(2, num_frames - 1), (batch_size,), generator=generator)  # (b,)
+    order = torch.rand(batch_size, max(0, num_frames - 1), generator=generator).argsort(dim=1)  # (b, F-1)
+    ranks = order.argsort(dim=1)  # rank of each of slots 1..F-1 in the ordering
+    picked = ranks < extra[:, None]  # (b, F-1)
+    filled = torch.zeros(batch_size, num_frames, dtype=torch.bool)
+    filled[:, 0] = True
+    filled[all_slots] = True
+    filled[subset, 1:] = picked[subset]
+    return filled
+
+
+def random_slot_filling(
+    frames: torch.Tensor,
+    masks: torch.Tensor,
+    generator: torch.Generator | None = None,
+    p_all: float = 0.3,
+    p_subset: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time slot filling of one clip, on pixels: the filling of :func:`draw_slot_filling` (every slot,
+    slot 0 plus a random subset, or slot 0 only), the chosen slots holding their frame's cut-out subject
+    (``frame * mask``). A chosen frame whose mask is empty (subject out of view) gives an all-black slot and is
+    reported as not filled. Returns ``(slots (F, 3, H, W), filled (F,) bool)``.
+
+    Raises:
+        MagDiffInputError: probabilities outside ``[0, 1]`` or ``p_all + p_subset > 1``, or wrong shapes.
+    """
     if frames.ndim != 4:
         raise MagDiffInputError(f"frames must be a (F, 3, H, W) video, got shape {tuple(frames.shape)}.")
     _check_image_and_mask(frames, masks, "video")
     if masks.shape[0] != frames.shape[0]:
         raise MagDiffInputError(f"got {masks.shape[0]} masks for {frames.shape[0]} frames; give one mask per frame.")
-
-    num_frames = frames.shape[0]
-    chosen = torch.zeros(num_frames, dtype=torch.bool)
-    chosen[0] = True
-    u = float(torch.rand((), generator=generator))
-    if u < p_all or (u < p_all + p_subset and num_frames <= 2):
-        chosen[:] = True
-    elif u < p_all + p_subset:
-        extra = int(torch.randint(1, num_frames - 1, (), generator=generator))  # 1..F-2
-        picked = torch.randperm(num_frames - 1, generator=generator)[:extra] + 1
-        chosen[picked] = True
-    chosen = chosen.to(frames.device)
+    chosen = draw_slot_filling(1, frames.shape[0], generator, p_all, p_subset)[0].to(frames.device)
 
     cut = cut_out(frames, masks)
     slots = torch.where(chosen[:, None, None, None], cut, torch.full_like(cut, EMPTY_VALUE))

@@ -18,19 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from diffusers import ModelMixin, UNetMotionModel
+from diffusers import UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import UNetMotionOutput
 from torch import nn
 
 from ..errors import MagDiffInputError
 from .attention import APA_MODES, APAAttnProcessor
-from .first_frame import FirstFrameAttention
 from .hfa import HFA_MODES, HFAPyramidFusion
-from .spacetime import SpaceTimeBlock
 
 # diffusers' pipeline loader looks the base class up in the component's module to find its loading method.
 __all__ = [
@@ -40,20 +38,6 @@ __all__ = [
     "configure_trainable_parameters",
     "trainable_parameter_names",
 ]
-
-# Parameters that are new in MagDiff (absent from a base ``UNetMotionModel``), by name prefix or fragment.
-_NEW_PARAMETER_FRAGMENTS = (
-    "resampler.",
-    "hfa_fusion.",
-    ".processor.to_k_ip.",
-    ".processor.to_v_ip.",
-    ".processor.a_img",
-    ".processor.a_txt",
-)
-
-# Parameters of the optional position embeddings, space-time block and first-frame attention (absent from a base
-# ``UNetMotionModel``; not MagDiff parts).
-_POSITION_FRAGMENTS = ("frame_position", "spatial_position", "spacetime_block.", "first_frame_block.")
 
 
 @dataclass
@@ -122,23 +106,11 @@ class MagDiffUNetModel(UNetMotionModel):
         num_image_tokens: Resampler queries = image tokens per subject slot (16).
         resampler_hidden_dim, resampler_depth, resampler_heads, resampler_dim_head: Resampler shape
             (IP-Adapter-Plus for SD 1.5: 768, 4, 12, 64).
-        text_time_conditioning: add the mean text token, through diffusers' ``time_cond_proj_dim`` projection, to
-            the time embedding: a global text path beside cross-attention (not in the paper; SD-based models leave it
-            off). The world model uses it: its background colour and motion are clip-wide properties, and a small
-            model trained from scratch with frozen random text features learns them far faster with it.
-        position_embeddings: add a learned per-frame and a learned per-position (sample_size, interpolated to other
-            sizes) embedding to the features after ``conv_in``, both zero-initialised, so spatial layers know the
-            frame index and where they are (not in the paper: the world model's motion must turn a word into a
-            displacement that grows with the frame index, which convolutions without positions do poorly).
-        spacetime_attention: add a :class:`~magdiff.models.spacetime.SpaceTimeBlock` after the mid block, one
-            attention over all frames and positions at the lowest resolution with its own frame and position
-            embeddings plus a cross-attention to the text, outputs zero-initialised (not in the paper: temporal
-            attention works per pixel and the spatial layers per frame, so nothing else lets a frame look up where
-            the subject was in another).
-        first_frame_attention: add a :class:`~magdiff.models.first_frame.FirstFrameAttention` after ``conv_in``:
-            every frame attends to the first frame with a relative-position bias (per frame and offset) that the
-            prompt chooses, output zero-initialised (not in the paper: it lets "moving left" become "frame f reads the
-            first frame's subject f steps to the right").
+        text_time_conditioning: add the mean text token, through its own linear projection
+            (``text_time_projection``), to the timestep features before the time embedding: a global text path beside
+            cross-attention (not in the paper; SD-based models leave it off). The world model uses it: its background
+            colour and motion are clip-wide properties, which a small model trained from scratch learns far sooner
+            through the time embedding than through cross-attention alone.
     """
 
     @register_to_config
@@ -201,25 +173,20 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_heads: int = 12,
         resampler_dim_head: int = 64,
         text_time_conditioning: bool = False,
-        position_embeddings: bool = False,
-        spacetime_attention: bool = False,
-        first_frame_attention: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
         if hfa not in HFA_MODES:
             raise ValueError(f"Unknown hfa mode {hfa!r}; choose one of {HFA_MODES}.")
-        if text_time_conditioning:
-            if time_cond_proj_dim not in (None, cross_attention_dim):
-                raise ValueError(
-                    f"text_time_conditioning projects the pooled text ({cross_attention_dim} channels) into the time "
-                    f"embedding; time_cond_proj_dim must be None or {cross_attention_dim}, got {time_cond_proj_dim}."
-                )
-            time_cond_proj_dim = cross_attention_dim
         if encoder_hid_dim_type is not None:
             raise ValueError(
                 "MagDiffUNetModel owns its image projection (the Resampler); encoder_hid_dim_type must "
                 "be None. Use MagDiffUNetModel.from_unet_motion() to convert an IP-Adapter U-Net."
+            )
+        if addition_embed_type is not None:
+            raise ValueError(
+                f"MagDiffUNetModel builds on SD-1.5-style motion U-Nets; addition_embed_type={addition_embed_type!r} "
+                "(SDXL's added time ids) is not supported."
             )
         super().__init__(
             sample_size=sample_size,
@@ -250,7 +217,7 @@ class MagDiffUNetModel(UNetMotionModel):
             mid_block_layers=mid_block_layers,
             encoder_hid_dim=encoder_hid_dim,
             encoder_hid_dim_type=None,
-            addition_embed_type=addition_embed_type,
+            addition_embed_type=None,
             addition_time_embed_dim=addition_time_embed_dim,
             projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
             time_cond_proj_dim=time_cond_proj_dim,
@@ -264,36 +231,6 @@ class MagDiffUNetModel(UNetMotionModel):
             )
             with torch.no_grad():
                 self.conv_in.weight[:, in_channels:].zero_()
-        if position_embeddings:
-            height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-            channels = block_out_channels[0]
-            self.frame_position = nn.Parameter(torch.zeros(motion_max_seq_length, channels))
-            self.spatial_position = nn.Parameter(torch.zeros(channels, height, width))
-            self.conv_in.register_forward_hook(self._add_positions)
-        if spacetime_attention:
-            base_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-            factor = 2 ** (len(block_out_channels) - 1)
-            channels = block_out_channels[-1]
-            self.spacetime_block = SpaceTimeBlock(
-                channels,
-                cross_attention_dim,
-                num_heads=max(1, channels // 32),
-                max_frames=motion_max_seq_length,
-                size=(max(1, base_size[0] // factor), max(1, base_size[1] // factor)),
-            )
-            self.mid_block.register_forward_hook(self._spacetime)
-        if first_frame_attention:
-            latent_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-            self.first_frame_block = FirstFrameAttention(
-                block_out_channels[0],
-                cross_attention_dim,
-                num_heads=2,
-                max_frames=motion_max_seq_length,
-                size=(latent_size[0], latent_size[1]),
-            )
-            self.conv_in.register_forward_hook(self._first_frame)
-        self._frames_in_flight = 1
-        self._text_in_flight: torch.Tensor | None = None
         self.hfa_fusion = (
             HFAPyramidFusion(in_channels, hfa_hidden_channels, len(hfa_scales)) if hfa == "pyramid" else None
         )
@@ -309,6 +246,13 @@ class MagDiffUNetModel(UNetMotionModel):
             num_queries=num_image_tokens,
         )
 
+        # Optional global text path: the mean text token added to the timestep features (zero-initialised, so a
+        # model that gains it computes what it computed before).
+        self.text_time_projection = None
+        if text_time_conditioning:
+            self.text_time_projection = nn.Linear(cross_attention_dim, block_out_channels[0], bias=False)
+            nn.init.zeros_(self.text_time_projection.weight)
+
         # APA: every spatial cross-attention gets a decoupled text/image processor (created here, from the
         # config, so save_pretrained/from_pretrained keep its weights).
         learned = apa == "learned"
@@ -319,24 +263,36 @@ class MagDiffUNetModel(UNetMotionModel):
                     APAAttnProcessor(module.to_k.out_features, module.to_k.in_features, a_img, a_txt, learned)
                 )
 
-    def _add_positions(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """``conv_in`` hook: add the frame and spatial position embeddings to its (b*F, C, h, w) output."""
-        num_frames = self._frames_in_flight
-        spatial = self.spatial_position
-        if tuple(spatial.shape[-2:]) != tuple(output.shape[-2:]):
-            spatial = F.interpolate(spatial[None], size=output.shape[-2:], mode="bilinear", align_corners=False)[0]
-        positions = spatial[None] + self.frame_position[:num_frames, :, None, None]  # (F, C, h, w)
-        return output + positions.to(output.dtype).repeat(output.shape[0] // num_frames, 1, 1, 1)
+    # ------------------------------------------------------------------ what is new in MagDiff
 
-    def _spacetime(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """``mid_block`` hook: the space-time block on its (b*F, C, h, w) output."""
-        assert self._text_in_flight is not None  # set by forward()
-        return self.spacetime_block(output, self._text_in_flight, self._frames_in_flight)
+    def subject_modules(self) -> dict[str, nn.Module]:
+        """The modules that read the subject slots, by name: the Resampler, the HFA fusion and every APA processor
+        (its ``to_k_ip`` / ``to_v_ip`` and weights)."""
+        modules: dict[str, nn.Module] = {"resampler": self.resampler}
+        if self.hfa_fusion is not None:
+            modules["hfa_fusion"] = self.hfa_fusion
+        modules.update(self.apa_processors())
+        return modules
 
-    def _first_frame(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """``conv_in`` hook: every frame attends to the first frame (after the position embeddings, if any)."""
-        assert self._text_in_flight is not None  # set by forward()
-        return self.first_frame_block(output, self._text_in_flight, self._frames_in_flight)
+    def magdiff_modules(self) -> dict[str, nn.Module]:
+        """The modules a base ``UNetMotionModel`` lacks, by name: :meth:`subject_modules` and the text-time
+        projection."""
+        modules = self.subject_modules()
+        if self.text_time_projection is not None:
+            modules["text_time_projection"] = self.text_time_projection
+        return modules
+
+    @staticmethod
+    def _parameter_names(modules: dict[str, nn.Module]) -> set[str]:
+        return {f"{prefix}.{name}" for prefix, module in modules.items() for name, _ in module.named_parameters()}
+
+    def subject_parameter_names(self) -> set[str]:
+        """Names of the parameters of :meth:`subject_modules`."""
+        return self._parameter_names(self.subject_modules())
+
+    def magdiff_parameter_names(self) -> set[str]:
+        """Names of the parameters a base ``UNetMotionModel`` lacks (:meth:`magdiff_modules`)."""
+        return self._parameter_names(self.magdiff_modules())
 
     # ------------------------------------------------------------------ construction from public parts
 
@@ -386,8 +342,7 @@ class MagDiffUNetModel(UNetMotionModel):
         missing, unexpected = model.load_state_dict(base_state, strict=False)
         if unexpected:
             raise ValueError(f"Base U-Net weights with no place in MagDiffUNetModel: {unexpected[:5]} ...")
-        new = _NEW_PARAMETER_FRAGMENTS + _POSITION_FRAGMENTS
-        unfilled = [key for key in missing if not any(fragment in key for fragment in new)]
+        unfilled = sorted(set(missing) - model.magdiff_parameter_names())
         if unfilled:
             raise ValueError(f"MagDiffUNetModel weights not filled from the base U-Net: {unfilled[:5]} ...")
 
@@ -397,30 +352,24 @@ class MagDiffUNetModel(UNetMotionModel):
         return model if model.dtype == unet.dtype else model.to(dtype=unet.dtype)
 
     @classmethod
-    def from_magdiff_base(
-        cls, base: MagDiffUNetModel, seed: int = 0, new_subject_parts: bool = True, **config_changes: object
-    ) -> MagDiffUNetModel:
-        """A MagDiff U-Net built from another's config with ``config_changes``, on its weights.
+    def from_magdiff_base(cls, base: MagDiffUNetModel, seed: int = 0, **config_changes: object) -> MagDiffUNetModel:
+        """A MagDiff U-Net built from another's config with ``config_changes`` (e.g. ``apa``, ``hfa``), on its weights:
+        the ablation's shared base.
 
-        With ``new_subject_parts`` (the ablation's shared base) every weight a plain ``UNetMotionModel`` has is copied
-        (``conv_in``: its first ``in_channels`` inputs) and the MagDiff parts (Resampler, HFA fusion, APA image
-        projections and weights) are freshly initialised from ``seed`` for the changed config (e.g. ``apa``,
-        ``hfa``), ``conv_in``'s HFA inputs at zero, as in :meth:`from_unet_motion`. Without it every weight is kept
-        and only what the base lacks starts fresh (e.g. ``position_embeddings=True``, zero-initialised, so the new
-        model predicts exactly what the base does).
+        Every other weight is copied (``conv_in``: its first ``in_channels`` inputs); the parts that read the subject
+        (:meth:`subject_modules`) are freshly initialised from ``seed`` for the changed config and ``conv_in``'s HFA
+        inputs start at zero, as in :meth:`from_unet_motion`.
         """
         config = {key: value for key, value in base.config.items() if not key.startswith("_")}
         config.update(config_changes)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(**config)
-        fresh = _NEW_PARAMETER_FRAGMENTS + _POSITION_FRAGMENTS if new_subject_parts else _POSITION_FRAGMENTS
-        state = base.state_dict()
-        if new_subject_parts:
-            state = {k: v for k, v in state.items() if not any(f in k for f in _NEW_PARAMETER_FRAGMENTS)}
-            state["conv_in.weight"] = model._conv_in_from_base(state["conv_in.weight"])
+        subject_in_base = base.subject_parameter_names()
+        state = {k: v for k, v in base.state_dict().items() if k not in subject_in_base}
+        state["conv_in.weight"] = model._conv_in_from_base(state["conv_in.weight"])
         missing, unexpected = model.load_state_dict(state, strict=False)
-        unfilled = [key for key in missing if not any(fragment in key for fragment in fresh)]
+        unfilled = sorted(set(missing) - model.subject_parameter_names())
         if unexpected or unfilled:
             raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
         return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
@@ -507,88 +456,145 @@ class MagDiffUNetModel(UNetMotionModel):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        subject: SubjectConditioning | None = None,
-        subject_embeds: torch.Tensor | None = None,
-        subject_latents: list[torch.Tensor] | None = None,
         timestep_cond: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
         added_cond_kwargs: dict | None = None,
-        down_block_additional_residuals: tuple[torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        subject: SubjectConditioning | None = None,
     ) -> UNetMotionOutput | tuple[torch.Tensor]:
-        r"""Predict the noise of a video latent.
+        r"""Predict the noise (or v) of a video latent.
+
+        The arguments before ``subject`` are ``UNetMotionModel.forward``'s, in its order and with its meaning.
 
         Args:
             sample: noisy latents (b, in_channels, F, h, w).
-            timestep: diffusion timestep(s).
-            encoder_hidden_states: text tokens (b, n_txt, c), or already repeated per frame (b * F, n_txt, c).
-            subject: precomputed :class:`SubjectConditioning` (from :meth:`encode_subject`), or
-            subject_embeds: image-encoder hidden states of the slots (b, F, n, d) and
-            subject_latents: their VAE latents, one (b, in_channels, F, h_s, w_s) per pyramid scale.
-            Without any subject input the image branch is skipped and the HFA channels get zeros.
+            timestep: diffusion timestep(s), a scalar or one per clip.
+            encoder_hidden_states: text tokens (b, n_txt, c).
+            subject: the subject slots' conditioning (:meth:`encode_subject`). Without it the image branch is
+                skipped and the HFA channels get zeros.
         """
         batch_size, _, num_frames, height, width = sample.shape
-        self._frames_in_flight = num_frames  # read by the position-embedding and space-time hooks
-        if subject is None and subject_embeds is not None:
-            subject = self.encode_subject(subject_embeds, subject_latents, (height, width))
-        elif subject is not None and subject_embeds is not None:
-            raise ValueError("Pass either `subject` or `subject_embeds`/`subject_latents`, not both.")
+        if encoder_hidden_states.shape[0] != batch_size:
+            raise ValueError(
+                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, the sample {batch_size}; "
+                "pass one set of text tokens per clip (the model repeats them per frame)."
+            )
 
-        # SDA/HFA: channel-concatenate the fused subject latent with the noisy latent.
+        # 1. time: timestep features (+ the mean text token, if configured) -> embedding, one per frame
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).expand(batch_size)
+        time_features = self.time_proj(timesteps).to(dtype=self.dtype)  # (b, c0)
+        if self.text_time_projection is not None:
+            time_features = time_features + self.text_time_projection(encoder_hidden_states.mean(dim=1).to(self.dtype))
+        emb = self.time_embedding(time_features, timestep_cond)  # (b, c_emb)
+        emb = emb.repeat_interleave(num_frames, dim=0)  # (b*F, c_emb)
+
+        # 2. context: text tokens per frame; with a subject, APA's (text, image tokens of every slot) per frame
+        context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+        context = encoder_hidden_states.repeat_interleave(num_frames, dim=0)  # (b*F, n_txt, c)
+        if subject is not None:
+            image_tokens = subject.image_tokens.to(context.dtype).repeat_interleave(num_frames, dim=0)  # (b*F, F*16, c)
+            context = (context, image_tokens)
+        if attention_mask is not None:
+            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+
+        # 3. HFA: [noisy latent | fused subject latent] on the channel axis, then conv_in per frame
         if self.config.hfa != "off":
             hfa_latents = torch.zeros_like(sample) if subject is None else subject.hfa_latents.to(sample.dtype)
-            sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2*c, F, h, w)
+            sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2c, F, h, w)
+        sample = sample.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (b*F, c, h, w)
+        sample = self.conv_in(sample)
 
-        # Optional global text path: the mean text token, projected into the time embedding (diffusers' cond_proj).
-        per_clip = encoder_hidden_states
-        if per_clip.shape[0] != batch_size:  # already repeated per frame: take each clip's first copy
-            per_clip = per_clip.view(batch_size, num_frames, *per_clip.shape[1:])[:, 0]
-        if self.config.text_time_conditioning and timestep_cond is None:
-            timestep_cond = per_clip.mean(dim=1).to(sample.dtype)  # (b, c)
-        self._text_in_flight = per_clip  # read by the space-time and first-frame hooks
+        # 4. down
+        skips: tuple[torch.Tensor, ...] = (sample,)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, block_skips = block(
+                    hidden_states=sample,
+                    temb=emb,
+                    encoder_hidden_states=context,
+                    attention_mask=attention_mask,
+                    num_frames=num_frames,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                )
+            else:
+                sample, block_skips = block(hidden_states=sample, temb=emb, num_frames=num_frames)
+            skips += block_skips
+        if down_block_additional_residuals is not None:
+            skips = tuple(skip + extra for skip, extra in zip(skips, down_block_additional_residuals))
 
-        # Text tokens per frame, then the APA context (text, image tokens) with every slot's tokens per frame.
-        if encoder_hidden_states.shape[0] == batch_size:
-            encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)  # (b*F, n_txt, c)
-        context: torch.Tensor | tuple = encoder_hidden_states
-        if subject is not None:
-            image_tokens = subject.image_tokens.to(encoder_hidden_states.dtype)
-            image_tokens = image_tokens.repeat_interleave(num_frames, dim=0)  # (b*F, F*16, c)
-            context = (encoder_hidden_states, image_tokens)
+        # 5. mid
+        if self.mid_block is not None:
+            mid_kwargs = {"num_frames": num_frames} if hasattr(self.mid_block, "motion_modules") else {}
+            sample = self.mid_block(
+                sample,
+                emb,
+                encoder_hidden_states=context,
+                attention_mask=attention_mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                **mid_kwargs,
+            )
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
 
-        return super().forward(
-            sample,
-            timestep,
-            encoder_hidden_states=context,
-            timestep_cond=timestep_cond,
-            attention_mask=attention_mask,
-            cross_attention_kwargs=cross_attention_kwargs,
-            added_cond_kwargs=added_cond_kwargs,
-            down_block_additional_residuals=down_block_additional_residuals,
-            mid_block_additional_residual=mid_block_additional_residual,
-            return_dict=return_dict,
-        )
+        # 6. up (a size that is not a multiple of the total downsampling is interpolated to the skip's size)
+        upsample_needs_size = any(size % 2**self.num_upsamplers for size in (height, width))
+        for index, block in enumerate(self.up_blocks):
+            block_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            upsample_size = skips[-1].shape[2:] if upsample_needs_size and index < len(self.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                sample = block(
+                    hidden_states=sample,
+                    temb=emb,
+                    res_hidden_states_tuple=block_skips,
+                    encoder_hidden_states=context,
+                    upsample_size=upsample_size,
+                    attention_mask=attention_mask,
+                    num_frames=num_frames,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                )
+            else:
+                sample = block(
+                    hidden_states=sample,
+                    temb=emb,
+                    res_hidden_states_tuple=block_skips,
+                    upsample_size=upsample_size,
+                    num_frames=num_frames,
+                )
+
+        # 7. out
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        sample = self.conv_out(sample)  # (b*F, c_out, h, w)
+        sample = sample.unflatten(0, (batch_size, num_frames)).permute(0, 2, 1, 3, 4)  # (b, c_out, F, h, w)
+        if not return_dict:
+            return (sample,)
+        return UNetMotionOutput(sample=sample)
 
 
 # ---------------------------------------------------------------------- what trains
 
 
+def _is_apa_weight(name: str) -> bool:
+    return name.endswith((".a_img", ".a_txt"))
+
+
 def trainable_parameter_names(unet: MagDiffUNetModel) -> list[str]:
     """Names of the parameters MagDiff trains (authors' code): the temporal layers, every parameter of the spatial
     transformer blocks (self-attention, APA incl. ``to_k_ip``/``to_v_ip`` and the weights, FFN, norms), the widened
-    ``conv_in``, the Resampler and the HFA convs. ResNet blocks, samplers, time embedding, ``conv_out`` stay frozen.
-    With ``apa="fixed"`` the APA weights are frozen too."""
+    ``conv_in``, the Resampler and the HFA convs, plus every other part that is new in MagDiff
+    (:meth:`MagDiffUNetModel.magdiff_parameter_names`). ResNet blocks, samplers, time embedding, ``conv_out`` stay
+    frozen. With ``apa="fixed"`` the APA weights are frozen too."""
+    new = unet.magdiff_parameter_names()
     names = []
     for name, _ in unet.named_parameters():
-        if unet.config.apa == "fixed" and (name.endswith(".a_img") or name.endswith(".a_txt")):
+        if unet.config.apa == "fixed" and _is_apa_weight(name):
             continue
-        if (
-            "motion_modules." in name
-            or ".attentions." in name
-            or name.startswith(("conv_in.", "resampler.", "hfa_fusion.", *_POSITION_FRAGMENTS))
-        ):
+        if name in new or "motion_modules." in name or ".attentions." in name or name.startswith("conv_in."):
             names.append(name)
     return names
 
@@ -606,9 +612,7 @@ def configure_trainable_parameters(unet: MagDiffUNetModel, selection: str = "mag
         raise ValueError(f"Unknown trainable selection {selection!r}; choose one of {TRAINABLE_SELECTIONS}.")
     if selection == "all":
         trainable = {
-            name
-            for name, _ in unet.named_parameters()
-            if not (unet.config.apa == "fixed" and (name.endswith(".a_img") or name.endswith(".a_txt")))
+            name for name, _ in unet.named_parameters() if not (unet.config.apa == "fixed" and _is_apa_weight(name))
         }
     else:
         trainable = set(trainable_parameter_names(unet))

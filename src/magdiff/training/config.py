@@ -91,22 +91,11 @@ class TrainConfig:
     text_time_conditioning: bool = True
     """Add the mean text token to the time embedding (see ``MagDiffUNetModel``): a global text path for the
     world's clip-wide properties (background colour, motion)."""
-    position_embeddings: bool | None = None
-    """Learned frame and spatial position embeddings after ``conv_in`` (``MagDiffUNetModel``). New models: off
-    unless true. With ``model``: ``None`` keeps the model's; true adds them (zero-initialised, so training starts
-    from exactly the model's predictions) to a model without them."""
-    spacetime_attention: bool | None = None
-    """A transformer block over all frames and positions after the mid block (``MagDiffUNetModel``), zero-initialised.
-    New models: off unless true. With ``model``: ``None`` keeps the model's; true adds it to a model without it."""
-    first_frame_attention: bool | None = None
-    """Every frame attends to the first frame after ``conv_in``, with a prompt-chosen relative-position bias
-    (``MagDiffUNetModel``), zero-initialised. New models: off unless true. With ``model``: ``None`` keeps the
-    model's; true adds it to a model without it."""
     attention_head_dim: int | None = None
-    """Width of each head of the spatial (self- and cross-) attention; every level gets channels / width heads.
-    New models: 32 unless set. With ``model``: ``None`` keeps the model's heads; a width regroups the same weights
-    into that many heads (no weight changes shape). Narrow heads let different heads read different words of the
-    prompt: with one 32-wide head per level the world model's cross-attention reads only the background colour."""
+    """Width of each head of a new model's spatial (self- and cross-) attention; every level gets channels / width
+    heads (``None``: 32). Narrow heads let different heads read different words of the prompt: with one 32-wide head
+    per level the first world model's cross-attention read only the background colour. Not for ``model`` (its heads
+    are part of its weights)."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs
@@ -148,6 +137,10 @@ class TrainConfig:
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
             (self.attention_head_dim is None or self.attention_head_dim >= 1, "attention_head_dim must be >= 1"),
             (not self.new_subject_parts or self.model is not None, "new_subject_parts needs model (the base)"),
+            (
+                self.attention_head_dim is None or self.model is None,
+                "attention_head_dim is for new models; a model's heads are part of its weights",
+            ),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

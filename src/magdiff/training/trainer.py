@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MagDiffInputError
-from ..models.unet import MagDiffUNetModel, attention_heads, configure_trainable_parameters
+from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
+from ..sda import draw_slot_filling
 from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
 from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -53,11 +54,15 @@ class Batch:
     subject_masks: torch.Tensor | None = None  # (b, 1, F, h, w) when the cache has them
 
 
-class UNetWithTextEncoder(nn.Module):
-    """The U-Net and the text encoder as one trained module (``train_text_encoder``), so DDP, the optimiser, EMA and
-    checkpoints treat them together. The text features come from :func:`encode_tokens`, exactly as at inference."""
+class TrainedModel(nn.Module):
+    """What trains, as one module, so DDP, the optimiser, EMA and checkpoints treat it together: the U-Net, and the
+    text encoder when it trains (``train_text_encoder``).
 
-    def __init__(self, unet: MagDiffUNetModel, text_encoder: nn.Module) -> None:
+    Its ``forward`` runs the whole conditioned prediction, the subject encoders (Resampler, HFA fusion) included, so
+    that DDP sees every trained parameter used inside it. The text features come from :func:`encode_tokens`, exactly
+    as at inference, when the text encoder trains; otherwise the cached features are passed in."""
+
+    def __init__(self, unet: MagDiffUNetModel, text_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
@@ -66,32 +71,25 @@ class UNetWithTextEncoder(nn.Module):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        **kwargs: Any,
-    ) -> Any:
-        text = encode_tokens(self.text_encoder, input_ids, attention_mask)
-        return self.unet(sample, timestep, encoder_hidden_states=text, **kwargs)
+        *,
+        subject_embeds: torch.Tensor,
+        subject_latents: list[torch.Tensor],
+        encoder_hidden_states: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.text_encoder is not None:
+            if input_ids is None or attention_mask is None:
+                raise ValueError("A trained text encoder needs the captions' input_ids and attention_mask.")
+            encoder_hidden_states = encode_tokens(self.text_encoder, input_ids, attention_mask)
+        if encoder_hidden_states is None:
+            raise ValueError("Pass encoder_hidden_states (or input_ids when the text encoder trains).")
+        subject = self.unet.encode_subject(subject_embeds, subject_latents, tuple(sample.shape[-2:]))
+        return self.unet(sample, timestep, encoder_hidden_states, subject=subject).sample
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
-
-
-def draw_slot_filling(
-    batch_size: int, num_frames: int, generator: torch.Generator, p_all: float, p_subset: float
-) -> torch.Tensor:
-    """Which subject slots hold the frame's cut-out: slot 0 always (the paper's first-frame subject); with p_all
-    every slot (editing); with p_subset slot 0 plus each other slot with probability 1/2. Returns (b, F) bool."""
-    draw = torch.rand(batch_size, generator=generator)
-    others = torch.rand(batch_size, num_frames, generator=generator) < 0.5
-    filled = torch.zeros(batch_size, num_frames, dtype=torch.bool)
-    filled[:, 0] = True
-    all_slots = draw < p_all
-    subset = (draw >= p_all) & (draw < p_all + p_subset)
-    filled[all_slots] = True
-    filled[subset] = filled[subset] | others[subset]
-    return filled
 
 
 def timestep_weights(config: TrainConfig, num_train_timesteps: int) -> torch.Tensor | None:
@@ -170,22 +168,8 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         changes: dict[str, Any] = {}
         if config.new_subject_parts:
             changes.update(apa=config.apa, hfa=config.hfa)
-        if config.position_embeddings is not None and config.position_embeddings != pipeline.unet.config.get(
-            "position_embeddings", False
-        ):
-            changes["position_embeddings"] = config.position_embeddings
-        for option in ("spacetime_attention", "first_frame_attention"):
-            wanted = getattr(config, option)
-            if wanted is not None and wanted != pipeline.unet.config.get(option, False):
-                changes[option] = wanted
-        if config.attention_head_dim is not None:
-            heads = attention_heads(tuple(pipeline.unet.config.block_out_channels), config.attention_head_dim)
-            if list(heads) != list(pipeline.unet.config.num_attention_heads):
-                changes["num_attention_heads"] = heads
         if changes:
-            pipeline.unet = MagDiffUNetModel.from_magdiff_base(
-                pipeline.unet, seed=config.seed, new_subject_parts=config.new_subject_parts, **changes
-            )
+            pipeline.unet = MagDiffUNetModel.from_magdiff_base(pipeline.unet, seed=config.seed, **changes)
         return pipeline
     from ..world_model import world_components, world_unet
 
@@ -199,9 +183,6 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         max_frames=max(16, config.num_frames),
         seed=config.seed,
         text_time_conditioning=config.text_time_conditioning,
-        position_embeddings=bool(config.position_embeddings),
-        spacetime_attention=bool(config.spacetime_attention),
-        first_frame_attention=bool(config.first_frame_attention),
         attention_head_dim=config.attention_head_dim or 32,
     )
     return MagDiffPipeline(unet=unet, **components)
@@ -291,12 +272,12 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     unet: MagDiffUNetModel = pipeline.unet
     parameters = configure_trainable_parameters(unet, config.trainable)
     groups: list[dict[str, Any]] = [{"params": parameters}]
-    trained: nn.Module = unet
+    trained = TrainedModel(unet)
     if config.train_text_encoder:
         pipeline.text_encoder.requires_grad_(True)
         text_lr = config.text_encoder_learning_rate or config.learning_rate
         groups.append({"params": list(pipeline.text_encoder.parameters()), "lr": text_lr})
-        trained = UNetWithTextEncoder(unet, pipeline.text_encoder)
+        trained = TrainedModel(unet, pipeline.text_encoder)
     trained.train()
     trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(
@@ -346,13 +327,13 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 subject_embeds=batch.subject_embeds,
                 subject_latents=batch.subject_latents,
                 **text_inputs,
-            ).sample
+            )
         loss = clip_losses(prediction, target, batch.subject_masks, config.subject_loss_weight)  # (b,)
         if config.snr_gamma is not None:
             loss = loss * min_snr_weights(noise_scheduler, batch.timesteps, config.snr_gamma, config.prediction_type)
         loss = loss.mean()
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)  # every trained parameter
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
