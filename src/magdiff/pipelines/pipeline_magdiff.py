@@ -13,6 +13,7 @@ and HFA latents. An optional image guidance scale adds a third branch with empty
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,7 +30,7 @@ from diffusers.video_processor import VideoProcessor
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from ..errors import MagDiffInputError
+from ..errors import MagDiffInputError, PromptTruncatedWarning
 from ..inversion import check_invertible, ddim_invert
 from ..models.hfa import pyramid_sizes
 from ..models.trajectory import TrajectoryPredictor, trajectory_to_pixels
@@ -73,6 +74,23 @@ class MagDiffPipelineOutput(BaseOutput):
     subject_slots: torch.Tensor
     filled_slots: torch.Tensor
     trajectory: torch.Tensor | None = None
+
+
+@dataclass
+class KeptRegion:
+    """Blended-latent editing (``blend_kept_region``): the source latents (1, c, F, h, w), the kept region's weight
+    per latent pixel (1, 1, F, h, w) in [0, 1] and the noise (b, c, F, h, w) that brings the source to a timestep."""
+
+    source_latents: torch.Tensor
+    weight: torch.Tensor
+    noise: torch.Tensor
+
+    def apply(self, latents: torch.Tensor, scheduler: object, timestep: torch.Tensor | None) -> torch.Tensor:
+        """The kept region of ``latents`` replaced by the source at ``timestep``'s noise level (clean when None)."""
+        source = self.source_latents.expand_as(latents)
+        if timestep is not None:
+            source = scheduler.add_noise(source, self.noise, timestep.reshape(1))  # type: ignore[attr-defined]
+        return self.weight * source + (1.0 - self.weight) * latents
 
 
 def _check_trajectory_mode(trajectory: str) -> None:
@@ -151,20 +169,36 @@ class MagDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ encoders
 
     @torch.no_grad()
-    def tokenize_prompt(self, prompt: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (input_ids, attention_mask), each (b, n_txt), padded to the tokenizer's max length as SD does."""
+    def tokenize_prompt(self, prompt: list[str], truncate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask), each (b, n_txt), padded to the tokenizer's max length as SD does.
+
+        A prompt longer than the text encoder's context is never cut silently: it is an error, or with ``truncate``
+        a :class:`PromptTruncatedWarning` that says what was kept."""
+        max_length = self.tokenizer.model_max_length
+        full = self.tokenizer(prompt, padding=False, truncation=False).input_ids
+        too_long = [(text, ids) for text, ids in zip(prompt, full) if len(ids) > max_length]
+        for text, ids in too_long:
+            if not truncate:
+                raise MagDiffInputError(
+                    f"The prompt {text!r} is {len(ids)} tokens long (with start and end tokens); this model reads at "
+                    f"most {max_length}. Shorten it, or ask for truncation (truncate_prompt=True, CLI "
+                    f"--truncate-prompt) to keep its first {max_length - 2} tokens."
+                )
+            kept = self.tokenizer.decode(ids[1 : max_length - 1])
+            warnings.warn(
+                f"The prompt is {len(ids)} tokens long and this model reads {max_length}: kept {kept!r}; the rest "
+                f"was cut.",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
         text_inputs = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
+            prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
         return text_inputs.input_ids, text_inputs.attention_mask
 
-    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
-        """Prompts -> text tokens (b, n_txt, c)."""
-        input_ids, attention_mask = self.tokenize_prompt(prompt)
+    def encode_prompt(self, prompt: list[str], device: torch.device, truncate: bool = False) -> torch.Tensor:
+        """Prompts -> text tokens (b, n_txt, c); see :meth:`tokenize_prompt` for prompts longer than the context."""
+        input_ids, attention_mask = self.tokenize_prompt(prompt, truncate=truncate)
         embeds = encode_tokens(self.text_encoder, input_ids.to(device), attention_mask.to(device))
         return embeds.to(dtype=self.text_encoder.dtype)
 
@@ -445,6 +479,26 @@ class MagDiffPipeline(DiffusionPipeline):
             array = np.asarray(image)[..., :3].astype(np.uint8)
         return np.asarray(segmenter(array)).astype(np.float32)
 
+    def prepare_kept_region(
+        self,
+        frames: torch.Tensor,
+        masks: torch.Tensor,
+        keep: str,
+        latents: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> KeptRegion:
+        """The source video's latents and the kept region at the latent resolution, for ``blend_kept_region``.
+
+        The mask is area-averaged to the latent grid (a soft mask: a latent pixel half covered by the kept region
+        is half kept); the re-noising noise is drawn once from ``generator``."""
+        kept = masks if keep == "subject" else 1.0 - masks  # (F, 1, H, W)
+        source = self._vae_mean_latents(frames.to(self._execution_device)).permute(1, 0, 2, 3)[None]  # (1, c, F, h, w)
+        weight = F.adaptive_avg_pool2d(kept.float(), tuple(source.shape[-2:])).permute(1, 0, 2, 3)[
+            None
+        ]  # (1, 1, F, h, w)
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return KeptRegion(source.to(latents.dtype), weight.to(latents.device, latents.dtype), noise)
+
     def prepare_latents(
         self,
         batch_size: int,
@@ -564,6 +618,8 @@ class MagDiffPipeline(DiffusionPipeline):
         invert: bool = False,
         source_prompt: str = "",
         trajectory: str | Sequence[Sequence[float]] | torch.Tensor | np.ndarray = "auto",
+        truncate_prompt: bool = False,
+        blend_kept_region: bool = False,
     ) -> MagDiffPipelineOutput | tuple:
         r"""Generate (with ``subject_image``) or edit (with ``video``) a video.
 
@@ -602,6 +658,12 @@ class MagDiffPipeline(DiffusionPipeline):
                 it; the paper's slot-0-only conditioning when the pipeline has no head. ``"off"``: the paper's. An
                 (F, 2) array: the subject's whole-pixel ``(dx, dy)`` in every frame relative to its place in the
                 subject image (frame 0 usually ``(0, 0)``), clamped so it stays inside the frame.
+            truncate_prompt: a prompt longer than the text encoder's context is an error; with ``True`` it is cut
+                to the context with a :class:`~magdiff.errors.PromptTruncatedWarning` that says what was kept.
+            blend_kept_region: editing only [ours, not in the paper]: after every denoising step, put the source
+                video's latents, noised to the next step's level, back into the kept region (blended latent
+                diffusion, Avrahami et al. 2023), so the kept region stays what it was up to the VAE's round trip.
+                Off by default: the paper keeps the region through the subject slots alone.
         """
         # 0. Defaults and checks
         default_height, default_width = self.default_size
@@ -644,6 +706,10 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError("Give either `latents` or `invert=True`: inversion computes the initial latents.")
         if invert:
             check_invertible(self.scheduler)
+        if blend_kept_region and video is None:
+            raise MagDiffInputError(
+                "`blend_kept_region` keeps a region of a source video: give `video` (editing) or drop it."
+            )
         if isinstance(trajectory, str):
             _check_trajectory_mode(trajectory)
         if not isinstance(trajectory, str) and subject_image is None:
@@ -652,10 +718,12 @@ class MagDiffPipeline(DiffusionPipeline):
                 "'auto' (an edit follows its source video)."
             )
 
-        # 1. Text tokens
-        text_embeds = self.encode_prompt(prompts, device)  # (b, n_txt, c)
+        # 1. Text tokens (a prompt longer than the context is an error, or cut with a warning)
+        text_embeds = self.encode_prompt(prompts, device, truncate=truncate_prompt)  # (b, n_txt, c)
         negative_embeds = (
-            self.encode_prompt(negative_prompts, device) if do_text_guidance or do_image_guidance else None
+            self.encode_prompt(negative_prompts, device, truncate=truncate_prompt)
+            if do_text_guidance or do_image_guidance
+            else None
         )
 
         # 2. Subject slots (SDA): slot 0 for generation, every slot for editing; along a path, every slot for
@@ -713,13 +781,16 @@ class MagDiffPipeline(DiffusionPipeline):
 
         # 5. Timesteps and initial noise (or the inverted source)
         if invert:
-            source_text = self.encode_prompt([source_prompt], device)
+            source_text = self.encode_prompt([source_prompt], device, truncate=truncate_prompt)
             inverted = self._invert_latents(source_frames, source_text, single_subject, num_inference_steps)
             latents = inverted.repeat(batch_size, 1, 1, 1, 1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(batch_size, num_frames, height, width, context.dtype, device, generator, latents)
         extra_step_kwargs = self._extra_step_kwargs(generator, eta)
+        blend = None
+        if blend_kept_region:
+            blend = self.prepare_kept_region(source_frames, source_masks, keep, latents, generator)
 
         # 6. Denoising loop
         self._num_timesteps = len(timesteps)
@@ -732,6 +803,9 @@ class MagDiffPipeline(DiffusionPipeline):
                 ).sample
                 noise_pred = self._combine_guidance(noise_pred, num_branches, guidance_scale, image_guidance_scale)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
+                if blend is not None:  # the kept region back at the next step's noise level (the source at the end)
+                    next_timestep = timesteps[step + 1] if step + 1 < len(timesteps) else None
+                    latents = blend.apply(latents, self.scheduler, next_timestep)
                 if callback_on_step_end is not None:
                     available = {"latents": latents}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
