@@ -281,3 +281,62 @@ def test_new_parameters_are_known_by_construction(base_and_magdiff):
     assert unet.subject_parameter_names() <= unet.magdiff_parameter_names()
     assert any(name.startswith("resampler.") for name in unet.subject_parameter_names())
     assert any(name.endswith(".processor.to_k_ip.weight") for name in unet.subject_parameter_names())
+
+
+def test_first_frame_attention_starts_as_identity_and_the_prompt_chooses_where_frames_read():
+    from magdiff.models.first_frame import FirstFrameAttention
+
+    torch.manual_seed(0)
+    layer = FirstFrameAttention(8, text_dim=6, num_heads=2, max_frames=4, size=(5, 5), num_components=2)
+    hidden = torch.randn(2 * 3, 8, 5, 5)  # two clips of three frames
+    text = torch.randn(2, 4, 6)
+    torch.testing.assert_close(layer(hidden, text, num_frames=3), hidden)  # zero-initialised output
+    # The prompt decides the mixing weights (through the pooled text).
+    assert not torch.allclose(layer.mixing_weights(text[:1]), layer.mixing_weights(text[1:]))
+    with torch.no_grad():
+        layer.to_out.weight.copy_(torch.eye(8))
+        layer.to_q.weight.zero_()  # logits = the bias alone
+        # Component 1: frame 2 reads frame 0 two places to the left (dx = key x - query x = -2), strongly.
+        layer.bias_tables[1, :, 2, 4, 2] = 2.0  # x BIAS_SCALE
+    hidden.requires_grad_(True)
+    out = layer(hidden, text, num_frames=3)
+    weights = layer.mixing_weights(text)
+    assert weights.shape == (2, 3) and torch.all(weights[:, 0] == 1)
+    # Only frame 0 is read, and only by the same clip.
+    (grad,) = torch.autograd.grad(out[2, :, 1, 3].sum(), hidden)
+    assert grad[1].abs().sum() == 0 and grad[3:].abs().sum() == 0
+    # With the component's weight large and positive, frame 2 at (1, 3) reads frame 0 at (1, 1) almost only.
+    with torch.no_grad():
+        layer.to_mix.weight.zero_()
+        layer.to_mix.bias.copy_(torch.tensor([1.0, 0.0]))
+        values = layer.to_v(layer.norm(hidden[:1]).flatten(2).transpose(1, 2))[0]  # (hw, C) of clip 0, frame 0
+        added = layer(hidden, text, num_frames=3)[2, :, 1, 3] - hidden[2, :, 1, 3]
+        torch.testing.assert_close(added, values[1 * 5 + 1], atol=1e-3, rtol=1e-3)
+        # Another prompt that switches the component off reads frame 0 everywhere (no single place).
+        layer.to_mix.bias.zero_()
+        added = layer(hidden, text, num_frames=3)[2, :, 1, 3] - hidden[2, :, 1, 3]
+        assert (added - values[1 * 5 + 1]).abs().max() > 1e-2
+    assert layer(torch.randn(3, 8, 7, 6), text[:1], num_frames=3).shape == (3, 8, 7, 6)  # larger: table edges
+    with pytest.raises(ValueError, match="5 frames exceed the 4"):
+        layer(torch.randn(5, 8, 5, 5), text[:1], num_frames=5)
+
+
+def test_first_frame_attention_added_to_a_model_starts_from_its_predictions(tmp_path, base_and_magdiff):
+    _, unet = base_and_magdiff
+    with_layer = MagDiffUNetModel.extended(unet, first_frame_attention=True).eval()
+    sample, timestep, text, embeds, latents = _inputs()
+    conditions = {"encoder_hidden_states": text, "subject": _subject(unet, embeds, latents)}
+    with torch.no_grad():
+        expected = unet(sample, timestep, **conditions).sample
+        torch.testing.assert_close(with_layer(sample, timestep, **conditions).sample, expected)
+        with_layer.first_frame_block.to_out.weight.normal_()
+        assert not torch.allclose(
+            with_layer(sample, timestep, **conditions).sample, expected
+        )  # the layer is in the forward
+    with_layer.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet")
+    assert torch.equal(loaded.first_frame_block.to_out.weight, with_layer.first_frame_block.to_out.weight)
+    assert "first_frame_block.bias_tables" in trainable_parameter_names(loaded)
+    assert "first_frame_block.bias_tables" in loaded.magdiff_parameter_names()
+    with pytest.raises(ValueError, match="does not extend"):
+        MagDiffUNetModel.extended(unet, block_out_channels=(16, 64))

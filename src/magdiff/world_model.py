@@ -125,6 +125,7 @@ def world_unet(
     max_frames: int = 16,
     seed: int = 0,
     text_time_conditioning: bool = True,
+    first_frame_attention: bool = False,
     attention_head_dim: int = 32,
 ) -> MagDiffUNetModel:
     """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
@@ -158,6 +159,7 @@ def world_unet(
         resampler_heads=1,
         resampler_dim_head=64,
         text_time_conditioning=text_time_conditioning,
+        first_frame_attention=first_frame_attention,
     )
     # From scratch there is no base to preserve: let the HFA channels of conv_in start small but non-zero so the
     # subject latents get a gradient from the first step.

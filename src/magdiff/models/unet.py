@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import MagDiffInputError
 from .attention import APA_MODES, APAAttnProcessor
+from .first_frame import FirstFrameAttention
 from .hfa import HFA_MODES, HFAPyramidFusion
 
 # diffusers' pipeline loader looks the base class up in the component's module to find its loading method.
@@ -111,6 +112,10 @@ class MagDiffUNetModel(UNetMotionModel):
             cross-attention (not in the paper; SD-based models leave it off). The world model uses it: its background
             colour and motion are clip-wide properties, which a small model trained from scratch learns far sooner
             through the time embedding than through cross-attention alone.
+        first_frame_attention: after ``conv_in``, every frame attends to the first frame with a relative-position
+            bias the prompt chooses (:class:`~magdiff.models.first_frame.FirstFrameAttention`, output
+            zero-initialised; not in the paper): a way for the paper's slot-0-only generation to carry the subject
+            along the direction the prompt names.
     """
 
     @register_to_config
@@ -173,6 +178,7 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_heads: int = 12,
         resampler_dim_head: int = 64,
         text_time_conditioning: bool = False,
+        first_frame_attention: bool = False,
     ) -> None:
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
@@ -253,6 +259,17 @@ class MagDiffUNetModel(UNetMotionModel):
             self.text_time_projection = nn.Linear(cross_attention_dim, block_out_channels[0], bias=False)
             nn.init.zeros_(self.text_time_projection.weight)
 
+        self.first_frame_block = None  # not `first_frame_attention`: that name is the config flag
+        if first_frame_attention:
+            latent_size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+            self.first_frame_block = FirstFrameAttention(
+                block_out_channels[0],
+                cross_attention_dim,
+                num_heads=2,
+                max_frames=motion_max_seq_length,
+                size=(latent_size[0], latent_size[1]),
+            )
+
         # APA: every spatial cross-attention gets a decoupled text/image processor (created here, from the
         # config, so save_pretrained/from_pretrained keep its weights).
         learned = apa == "learned"
@@ -275,11 +292,13 @@ class MagDiffUNetModel(UNetMotionModel):
         return modules
 
     def magdiff_modules(self) -> dict[str, nn.Module]:
-        """The modules a base ``UNetMotionModel`` lacks, by name: :meth:`subject_modules` and the text-time
-        projection."""
+        """The modules a base ``UNetMotionModel`` lacks, by name: :meth:`subject_modules`, the text-time projection
+        and the first-frame attention."""
         modules = self.subject_modules()
         if self.text_time_projection is not None:
             modules["text_time_projection"] = self.text_time_projection
+        if self.first_frame_block is not None:
+            modules["first_frame_block"] = self.first_frame_block
         return modules
 
     @staticmethod
@@ -372,6 +391,24 @@ class MagDiffUNetModel(UNetMotionModel):
         unfilled = sorted(set(missing) - model.subject_parameter_names())
         if unexpected or unfilled:
             raise ValueError(f"Base weights that do not fit: {unexpected[:5]}; not filled: {unfilled[:5]}")
+        return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
+
+    @classmethod
+    def extended(cls, base: MagDiffUNetModel, **config_changes: object) -> MagDiffUNetModel:
+        """``base`` with modules it lacks switched on (e.g. ``first_frame_attention=True``): every base weight is
+        kept and the new modules start as the identity, so the extended model predicts exactly what ``base`` does."""
+        config = {key: value for key, value in base.config.items() if not key.startswith("_")}
+        config.update(config_changes)
+        model = cls(**config)
+        try:
+            missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        except RuntimeError as error:  # a weight changed shape
+            raise ValueError(f"{config_changes} does not extend the base: {error}") from None
+        new = model.magdiff_parameter_names() - base.magdiff_parameter_names()
+        if unexpected or set(missing) - new:
+            raise ValueError(
+                f"{config_changes} does not extend the base: {unexpected[:5]}, {sorted(set(missing) - new)[:5]}"
+            )
         return model if model.dtype == base.dtype else model.to(dtype=base.dtype)
 
     def _conv_in_from_base(self, base_weight: torch.Tensor) -> torch.Tensor:
@@ -508,6 +545,8 @@ class MagDiffUNetModel(UNetMotionModel):
             sample = torch.cat([sample, hfa_latents], dim=1)  # (b, 2c, F, h, w)
         sample = sample.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (b*F, c, h, w)
         sample = self.conv_in(sample)
+        if self.first_frame_block is not None:  # every frame reads frame 0 at a prompt-chosen offset
+            sample = self.first_frame_block(sample, encoder_hidden_states, num_frames)  # (b*F, C, h, w)
 
         # 4. down
         skips: tuple[torch.Tensor, ...] = (sample,)

@@ -91,6 +91,11 @@ class TrainConfig:
     text_time_conditioning: bool = True
     """Add the mean text token to the time embedding (see ``MagDiffUNetModel``): a global text path for the
     world's clip-wide properties (background colour, motion)."""
+    first_frame_attention: bool | None = None
+    """Every frame attends to the first frame after ``conv_in``, with a prompt-chosen relative-position bias
+    (``MagDiffUNetModel``; not in the paper). New models: off unless true. With ``model``: ``None`` keeps the
+    model's; true adds it to a model without it (output zero-initialised: training starts from the model's
+    predictions)."""
     attention_head_dim: int | None = None
     """Width of each head of a new model's spatial (self- and cross-) attention; every level gets channels / width
     heads (``None``: 32). Narrow heads let different heads read different words of the prompt: with one 32-wide head

@@ -170,6 +170,8 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
             changes.update(apa=config.apa, hfa=config.hfa)
         if changes:
             pipeline.unet = MagDiffUNetModel.from_magdiff_base(pipeline.unet, seed=config.seed, **changes)
+        if config.first_frame_attention and not pipeline.unet.config.get("first_frame_attention", False):
+            pipeline.unet = MagDiffUNetModel.extended(pipeline.unet, first_frame_attention=True)
         return pipeline
     from ..world_model import world_components, world_unet
 
@@ -183,6 +185,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         max_frames=max(16, config.num_frames),
         seed=config.seed,
         text_time_conditioning=config.text_time_conditioning,
+        first_frame_attention=bool(config.first_frame_attention),
         attention_head_dim=config.attention_head_dim or 32,
     )
     return MagDiffPipeline(unet=unet, **components)
