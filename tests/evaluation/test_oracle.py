@@ -325,3 +325,54 @@ def test_aggregate_means_and_accuracies() -> None:
     assert aggregate([]) == {"count": 0.0}
     editing = EditingScores(1.0, 0.0, 0.0, 0.2, None, True, "red", "subject")
     assert "background_correct" not in aggregate([editing])
+
+
+def _recolour_subject(sample: dict, offset: float) -> np.ndarray:
+    """The sample's frames with every subject pixel shifted by ``offset`` (0-255 units) in all three channels."""
+    shifted = np.clip(sample["video"] + offset / 127.5, -1.0, 1.0)
+    return np.where(sample["masks"].numpy() > 0.5, shifted, sample["video"]).astype(np.float32)
+
+
+def test_subject_colour_error_is_zero_for_the_truth_and_reads_a_recolouring(samples: list[dict]) -> None:
+    for sample in samples[:20]:
+        assert score(sample["frames"], sample).subject_colour_error < 1e-6
+        # A subject 40/255 brighter in every channel where it has room: the error is what the subject gained.
+        recoloured = _recolour_subject(sample, 40.0)
+        image, mask = sample["subject"]
+        target = np.clip((image.numpy() + 1) * 127.5 + 40.0, 0, 255)
+        expected = np.abs(target - (image.numpy() + 1) * 127.5)[:, mask[0].numpy() > 0.5].mean()
+        assert score(recoloured, sample).subject_colour_error == pytest.approx(expected, abs=0.5)
+    erased = replace_background(samples[0], samples[0]["meta"]["background_rgb"])
+    erased[:] = erased[:, :, :1, :1]  # nothing but background
+    assert math.isnan(score(erased, samples[0]).subject_colour_error)
+
+
+def test_aggregate_reports_the_median_colour_error() -> None:
+    rows = [{"subject_colour_error": value} for value in (1.0, 2.0, 90.0)] + [{"subject_colour_error": math.nan}]
+    result = aggregate(rows)
+    assert result["subject_colour_error"] == pytest.approx(31.0)
+    assert result["subject_colour_error_median"] == pytest.approx(2.0)  # NaN (no subject) skipped
+
+
+def test_keep_background_edits_are_checked_for_the_asked_subject_colour(samples: list[dict]) -> None:
+    from magdiff.evaluation.oracle import nearest_subject_colour
+
+    checked = 0
+    for sample in samples:
+        meta = sample["meta"]
+        if meta["texture"] != "solid":
+            continue
+        result = score_editing(
+            sample["frames"], sample["frames"], sample["masks"], keep="background", target_subject_colour=meta["colour"]
+        )
+        assert result.predicted_subject_colour == meta["colour"] and result.subject_colour_correct is True
+        other = next(name for name in SUBJECT_COLOURS if name != meta["colour"])
+        wrong = score_editing(
+            sample["frames"], sample["frames"], sample["masks"], keep="background", target_subject_colour=other
+        )
+        assert wrong.subject_colour_correct is False
+        checked += 1
+    assert checked >= 10
+    assert nearest_subject_colour([[250, 140, 190], [240, 130, 200]]) == "pink"
+    with pytest.raises(MagDiffInputError, match="Unknown target subject colour"):
+        score_editing(samples[0]["frames"], samples[0]["frames"], samples[0]["masks"], target_subject_colour="teal")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from magdiff.data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, WorldConfig, make_sample
-from magdiff.evaluation.world_benchmark import edit_background, evaluate_world, merge_shards
+from magdiff.data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, SUBJECT_COLOURS, WorldConfig, make_sample
+from magdiff.evaluation.world_benchmark import edit_background, evaluate_world, merge_shards, new_subject
 
 
 class OraclePipeline:
@@ -28,10 +28,19 @@ class OraclePipeline:
         self, prompt, subject_image=None, subject_mask=None, video=None, video_masks=None, keep="subject", **kwargs
     ):
         call = "edit" if video is not None else ("generate" if subject_image is not None else "text")
-        self.calls.append(call + ("-inverted" if kwargs.get("invert") else ""))
+        suffix = "-background" if video is not None and keep == "background" else ""
+        suffix += "-inverted" if kwargs.get("invert") else ""
+        suffix += "-blend" if kwargs.get("blend_kept_region") else ""
+        self.calls.append(call + suffix)
         self.trajectories.append((call, kwargs.get("trajectory")))
-        if video is not None:
-            background = prompt.split(" on a ")[1].removesuffix(" background")
+        if video is not None and keep == "background":  # the scene kept, the asked subject painted in the mask
+            colour_word = prompt.split()[1]
+            colour = torch.tensor(SUBJECT_COLOURS[colour_word], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+            frames = torch.where(video_masks > 0.5, colour.expand_as(video), video)
+        elif video is not None:
+            background = next(
+                word for word in reversed(prompt.split()) if word in BACKGROUND_COLOURS
+            )  # its last phrase
             colour = torch.tensor(BACKGROUND_COLOURS[background], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
             frames = torch.where(video_masks > 0.5, video, colour.expand_as(video))
         else:
@@ -54,7 +63,7 @@ def test_edit_background_is_new_and_far_from_the_subject():
 def test_benchmark_scores_exact_answers_perfectly(tmp_path):
     pipeline = OraclePipeline(6)
     results = evaluate_world(pipeline, num_samples=6, preview_path=tmp_path / "preview.gif", progress=False)
-    assert pipeline.calls == ["generate", "text", "edit"] * 6
+    assert pipeline.calls == ["generate", "text", "edit", "edit-background"] * 6
     assert results["generation/motion_correct"] == 1.0
     assert results["generation/background_correct"] == 1.0
     assert results["generation/subject_fidelity"] > 0.95
@@ -63,7 +72,29 @@ def test_benchmark_scores_exact_answers_perfectly(tmp_path):
     assert results["editing/background_correct"] == 1.0
     assert results["editing/kept_pixel_error"] < 1e-6
     assert results["generation/count"] == 6
+    assert results["editing_background/subject_colour_correct"] == 1.0
+    assert results["editing_background/kept_pixel_error"] < 1e-6
+    assert results["editing_background/mask_iou"] > 0.95
     assert (tmp_path / "preview.gif").is_file()
+
+
+def test_new_subjects_differ_from_the_clip_and_stand_out_from_its_background():
+    seen = set()
+    for index in range(100):
+        meta = make_sample(EVAL_SEED_OFFSET + index)["meta"]
+        colour, shape = new_subject(meta, index)
+        assert colour != meta["colour"] and shape != meta["shape"]
+        assert np.linalg.norm(np.subtract(SUBJECT_COLOURS[colour], BACKGROUND_COLOURS[meta["background"]])) >= 120
+        seen.add(colour)
+    assert len(seen) >= 6
+
+
+def test_blended_edits_are_opt_in_tasks():
+    pipeline = OraclePipeline(2)
+    tasks = ("editing", "editing_blend", "editing_background", "editing_background_blend")
+    results = evaluate_world(pipeline, num_samples=2, tasks=tasks, progress=False)
+    assert pipeline.calls == ["edit", "edit-blend", "edit-background", "edit-background-blend"] * 2
+    assert results["editing_blend/count"] == 2 and results["editing_background_blend/subject_colour_correct"] == 1
 
 
 def test_benchmark_rejects_unknown_tasks():
@@ -75,7 +106,8 @@ def test_shards_cover_the_same_clips_and_record_each_sample():
     records: list[dict] = []
     evaluate_world(OraclePipeline(6), num_samples=3, first_sample=3, per_sample=records, progress=False)
     assert sorted({row["index"] for row in records}) == [3, 4, 5]
-    assert len(records) == 9 and {row["task"] for row in records} == {"generation", "empty_subject", "editing"}
+    assert len(records) == 12
+    assert {row["task"] for row in records} == {"generation", "empty_subject", "editing", "editing_background"}
 
 
 def test_inverted_editing_is_an_opt_in_task():

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from magdiff.data.world import BACKGROUND_COLOURS, MOTIONS
+from magdiff.data.world import BACKGROUND_COLOURS, MOTIONS, SUBJECT_COLOURS
 from magdiff.errors import MagDiffInputError
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "BORDER_WIDTH",
     "DETECTION_THRESHOLD",
     "FOUND_FRACTION",
+    "MEDIAN_FIELDS",
     "MIN_AREA_FRACTION",
     "SMOOTHNESS_SCALE",
     "STILL_FRACTION",
@@ -57,6 +58,7 @@ __all__ = [
     "estimate_background",
     "motion_from_track",
     "nearest_background",
+    "nearest_subject_colour",
     "score_editing",
     "score_generation",
     "subject_fidelity",
@@ -374,6 +376,10 @@ class Fidelity:
     shape_iou: float
     appearance: float
     size_ratio: float
+    colour_error: float = math.nan
+    """Mean over frames with a subject of the mean absolute difference (0-255, averaged over R, G, B) between the
+    mean colour of the aligned generated subject and that of the subject image over the same pixels; NaN when no
+    subject is found."""
 
 
 def subject_fidelity(video: Any, track: SubjectTrack, subject_image: Any, subject_mask: Any) -> Fidelity:
@@ -388,7 +394,10 @@ def subject_fidelity(video: Any, track: SubjectTrack, subject_image: Any, subjec
     * ``size_ratio_f = sqrt(min(A_g, A_r) / max(A_g, A_r))`` (ratio of linear sizes: the scale that the IoU ignores);
     * ``appearance_f = max(0, 1 - MAE_f / APPEARANCE_TOLERANCE)``, ``MAE_f`` the mean absolute RGB error in [0, 1]
       units between ``I'`` and the subject image over ``G' & R`` (0 if that is empty);
-    * ``fidelity_f = shape_iou_f * size_ratio_f * appearance_f``.
+    * ``fidelity_f = shape_iou_f * size_ratio_f * appearance_f``;
+    * ``colour_error_f``: the mean RGB of ``I'`` over ``G' & R`` against the mean RGB of the subject image over the
+      same pixels, as the mean absolute difference over the three channels in 0-255 (a wrong colour shows here even
+      where the shape and the pattern are right).
 
     ``fidelity`` is the sum of ``fidelity_f`` over frames with a subject divided by the number of frames (a frame
     without a subject counts 0), so it is 0 when no subject is found. ``shape_iou``, ``size_ratio`` and ``appearance``
@@ -427,7 +436,20 @@ def _subject_fidelity(v: np.ndarray, track: SubjectTrack, subject_image: Any, su
         shape_iou=float(ious.mean()),
         appearance=float(appearance.mean()),
         size_ratio=float(size_ratio.mean()),
+        colour_error=_mean_colour_error(images, ref_image[None, y0:y1, x0:x1], overlap),
     )
+
+
+def _mean_colour_error(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    """Mean over frames (with a non-empty ``region``) of ``mean_c |mean_region(a_c) - mean_region(b_c)|``, 0-255."""
+    count = region.sum(axis=(1, 2))  # (N,)
+    valid = count > 0
+    if not valid.any():
+        return math.nan
+    weights = region[..., None].astype(np.float64)
+    mean_a = (a * weights).sum(axis=(1, 2)) / np.maximum(count, 1)[:, None]  # (N, 3)
+    mean_b = (np.broadcast_to(b, a.shape) * weights).sum(axis=(1, 2)) / np.maximum(count, 1)[:, None]
+    return float(np.abs(mean_a - mean_b).mean(axis=1)[valid].mean())
 
 
 @dataclass(frozen=True)
@@ -513,6 +535,7 @@ class GenerationScores:
     shape_iou: float
     appearance: float
     size_ratio: float
+    subject_colour_error: float
     shape_stability: float
     appearance_stability: float
     smoothness: float
@@ -547,7 +570,8 @@ def score_generation(
     * ``subject_found``: :func:`detect_subject` (against each frame's border colour) finds the subject in at least
       ``FOUND_FRACTION`` of the frames;
     * ``motion_correct``: :func:`motion_from_track` equals the asked motion (False when unknown);
-    * ``subject_fidelity``: :func:`subject_fidelity` against ``(subject_image, subject_mask)``;
+    * ``subject_fidelity``: :func:`subject_fidelity` against ``(subject_image, subject_mask)``, whose colour
+      error is ``subject_colour_error`` (0-255; NaN when no subject is found);
     * ``temporal_consistency``: :func:`temporal_consistency`.
     """
     asked_motion = _asked(caption_motion, meta, "motion", MOTIONS)
@@ -575,6 +599,7 @@ def score_generation(
         shape_iou=fidelity.shape_iou,
         appearance=fidelity.appearance,
         size_ratio=fidelity.size_ratio,
+        subject_colour_error=fidelity.colour_error,
         shape_stability=consistency.shape_stability,
         appearance_stability=consistency.appearance_stability,
         smoothness=consistency.smoothness,
@@ -593,6 +618,8 @@ class EditingScores:
     subject_found: bool
     predicted_background: str
     keep: str
+    predicted_subject_colour: str | None = None
+    subject_colour_correct: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -604,6 +631,7 @@ def score_editing(
     source_masks: Any,
     target_background: str | None = None,
     keep: Literal["subject", "background"] = "subject",
+    target_subject_colour: str | None = None,
 ) -> EditingScores:
     """Score an edit of ``source_frames`` (with subject masks ``source_masks``) into ``edited``.
 
@@ -615,10 +643,18 @@ def score_editing(
       background is edited by text), outside it for ``keep="background"`` (the subject is replaced);
     * ``background_correct``: the edited video's estimated named background equals ``target_background`` (None when
       no target is given);
-    * ``subject_found``: a subject is detected in at least ``FOUND_FRACTION`` of the edited frames.
+    * ``subject_found``: a subject is detected in at least ``FOUND_FRACTION`` of the edited frames;
+    * ``predicted_subject_colour``: the named subject colour (``SUBJECT_COLOURS``) nearest to the mean colour of the
+      detected subject's pixels over all frames (None when none is found); ``subject_colour_correct``: it equals
+      ``target_subject_colour`` (None when no target is given; False when no subject is found). This is the check
+      of keep-background edits that ask for a new subject ("a blue circle ...").
     """
     if keep not in ("subject", "background"):
         raise MagDiffInputError(f"keep must be 'subject' or 'background', got {keep!r}.")
+    if target_subject_colour is not None and target_subject_colour not in SUBJECT_COLOURS:
+        raise MagDiffInputError(
+            f"Unknown target subject colour {target_subject_colour!r}; expected one of {', '.join(SUBJECT_COLOURS)}."
+        )
     if target_background is not None and target_background not in BACKGROUND_COLOURS:
         raise MagDiffInputError(
             f"Unknown target background {target_background!r}; expected one of {', '.join(BACKGROUND_COLOURS)}."
@@ -639,6 +675,10 @@ def score_editing(
     err = np.abs(e - s).mean(axis=-1) / 255.0
     subject_error = float(err[m].mean()) if m.any() else math.nan
     background_error = float(err[~m].mean()) if (~m).any() else math.nan
+    subject_colour = nearest_subject_colour(e[track.masks]) if track.masks.any() else None
+    colour_correct = None
+    if target_subject_colour is not None:
+        colour_correct = subject_colour == target_subject_colour
     return EditingScores(
         mask_iou=mask_iou,
         kept_pixel_error=subject_error if keep == "subject" else background_error,
@@ -648,7 +688,23 @@ def score_editing(
         subject_found=track.found_fraction >= FOUND_FRACTION,
         predicted_background=background.name,
         keep=keep,
+        predicted_subject_colour=subject_colour,
+        subject_colour_correct=colour_correct,
     )
+
+
+_SUBJECT_NAMES = tuple(SUBJECT_COLOURS)
+_SUBJECT_PALETTE = np.array([SUBJECT_COLOURS[n] for n in _SUBJECT_NAMES], np.float64)
+
+
+def nearest_subject_colour(pixels: Any) -> str:
+    """The named subject colour nearest (Euclidean RGB) to the mean of ``pixels`` (``(N, 3)`` in 0-255)."""
+    mean = np.asarray(pixels, np.float64).reshape(-1, 3).mean(axis=0)
+    return _SUBJECT_NAMES[int(np.argmin(np.linalg.norm(_SUBJECT_PALETTE - mean, axis=1)))]
+
+
+MEDIAN_FIELDS = ("subject_colour_error",)
+"""Fields whose median is reported beside their mean (as ``<field>_median``): a colour error is heavy-tailed."""
 
 
 def aggregate(scores: Iterable[GenerationScores | EditingScores | Mapping[str, Any]]) -> dict[str, float]:
@@ -656,10 +712,11 @@ def aggregate(scores: Iterable[GenerationScores | EditingScores | Mapping[str, A
 
     Booleans count as 0/1, so accuracies come out as fractions. Strings, None and NaN values are skipped (a field's mean
     is over the scores where it is a number; a field that is never a number is absent). ``count`` is the number of
-    scores.
+    scores. The fields of ``MEDIAN_FIELDS`` also get their median, as ``<field>_median``.
     """
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    medians: dict[str, list[float]] = {key: [] for key in MEDIAN_FIELDS}
     total = 0
     for item in scores:
         total += 1
@@ -670,6 +727,11 @@ def aggregate(scores: Iterable[GenerationScores | EditingScores | Mapping[str, A
             ):
                 sums[key] = sums.get(key, 0.0) + float(value)
                 counts[key] = counts.get(key, 0) + 1
+                if key in medians:
+                    medians[key].append(float(value))
     result = {key: sums[key] / counts[key] for key in sums}
+    for key, values in medians.items():
+        if values:
+            result[f"{key}_median"] = float(np.median(values))
     result["count"] = float(total)
     return result

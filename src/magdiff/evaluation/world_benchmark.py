@@ -8,7 +8,12 @@ Up to four tasks per held-out clip (the first three by default) (seed ``EVAL_SEE
   subject image must beat);
 - ``editing``: the clip as source video with its masks, keeping the subject, and a caption asking for another
   background -> mask IoU with the source, pixel error inside the kept region, new-background accuracy;
-- ``editing_inverted`` (opt-in): the same edit started from the DDIM inversion of the source (``invert=True``).
+- ``editing_background``: the clip as source video, keeping the background (the complement of its masks), and a
+  caption asking for a new subject by its colour and shape ("a blue circle moving left on a red background") -> the
+  asked colour's accuracy, pixel error in the kept region, mask IoU;
+- ``editing_inverted`` (opt-in): the ``editing`` edit started from the DDIM inversion of the source (``invert=True``);
+- ``editing_blend`` / ``editing_background_blend`` (opt-in): the two edits with ``blend_kept_region=True`` (the
+  noised source latents put back into the kept region at every step; not in the paper).
 
     magdiff evaluate world --num-samples 200           # (CLI wiring lives in magdiff.cli)
 """
@@ -24,11 +29,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.world import BACKGROUND_COLOURS, EVAL_SEED_OFFSET, WorldConfig, caption_for, make_sample, subject_cutout
+from ..data.world import (
+    BACKGROUND_COLOURS,
+    EVAL_SEED_OFFSET,
+    SHAPES,
+    SUBJECT_COLOURS,
+    WorldConfig,
+    caption_for,
+    make_sample,
+    subject_cutout,
+)
 from .oracle import aggregate, score_editing, score_generation
 
-TASKS = ("generation", "empty_subject", "editing", "editing_inverted")
-DEFAULT_TASKS = ("generation", "empty_subject", "editing")
+TASKS = (
+    "generation",
+    "empty_subject",
+    "editing",
+    "editing_background",
+    "editing_inverted",
+    "editing_blend",
+    "editing_background_blend",
+)
+DEFAULT_TASKS = ("generation", "empty_subject", "editing", "editing_background")
 _MIN_EDIT_DISTANCE = 120.0  # the new background must stay clearly distinct from the subject colour
 
 
@@ -45,6 +67,19 @@ def edit_background(meta: dict[str, Any], index: int) -> str:
         ):
             return name
     return next(name for name in names if name != meta["background"])
+
+
+def new_subject(meta: dict[str, Any], index: int) -> tuple[str, str]:
+    """A colour and a shape for a keep-background edit: neither the clip's own, the colour far from the background
+    (deterministic)."""
+    background = np.array(BACKGROUND_COLOURS[meta["background"]], dtype=float)
+    colours = [
+        name
+        for name, rgb in SUBJECT_COLOURS.items()
+        if name != meta["colour"] and np.linalg.norm(np.array(rgb, dtype=float) - background) >= _MIN_EDIT_DISTANCE
+    ]
+    shapes = [name for name in SHAPES if name != meta["shape"]]
+    return colours[index % len(colours)], shapes[(index // len(colours)) % len(shapes)]
 
 
 def _video(output_frames: torch.Tensor) -> torch.Tensor:
@@ -118,7 +153,7 @@ def evaluate_world(
             video = _video(out.frames)
             scores["empty_subject"].append(score_generation(video, meta, subject_image, subject_mask))
             row.append(video)
-        for task in ("editing", "editing_inverted"):
+        for task in ("editing", "editing_inverted", "editing_blend"):
             if task not in tasks:
                 continue
             target = edit_background(meta, index)
@@ -129,10 +164,30 @@ def evaluate_world(
                 keep="subject",
                 generator=torch.Generator().manual_seed(seed + index),
                 invert=task == "editing_inverted",
+                blend_kept_region=task == "editing_blend",
                 **settings,
             )
             video = _video(out.frames)
             scores[task].append(score_editing(video, frames, masks, target_background=target, keep="subject"))
+            row.append(torch.cat([frames, video], dim=-1))
+        for task in ("editing_background", "editing_background_blend"):
+            if task not in tasks:
+                continue
+            colour, shape = new_subject(meta, index)
+            prompt = caption_for(
+                {"subject_words": f"{colour} {shape}", "motion": meta["motion"], "background": meta["background"]}
+            )
+            out = pipeline(
+                prompt,
+                video=frames,
+                video_masks=masks,
+                keep="background",
+                generator=torch.Generator().manual_seed(seed + index),
+                blend_kept_region=task == "editing_background_blend",
+                **settings,
+            )
+            video = _video(out.frames)
+            scores[task].append(score_editing(video, frames, masks, keep="background", target_subject_colour=colour))
             row.append(torch.cat([frames, video], dim=-1))
         if per_sample is not None:
             for task, items in scores.items():
