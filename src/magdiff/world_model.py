@@ -1,11 +1,11 @@
 """The small MagDiff of the synthetic world (the default model's architecture).
 
 Components, all small enough to ship in the package:
-- tokenizer: an offline CLIP tokenizer whose vocabulary spells every world word as one token (other words still
-  tokenise, as pieces);
-- text encoder and image encoder: small CLIP towers, randomly initialised from a fixed seed and kept frozen, as the
-  paper keeps its encoders frozen (random features of a frozen network still separate words and images; the
-  trainable Resampler and cross-attention learn to read them);
+- tokenizer: the world BPE tokenizer (``magdiff/assets/world_tokenizer``, trained with ``tokenizers`` by
+  :func:`magdiff.tokenization.train_world_tokenizer`): every world word one token, other words in pieces, context 77;
+- text encoder and image encoder: the world CLIP's towers (``magdiff/assets/world_clip``, pretrained contrastively on
+  world clips by :mod:`magdiff.training.world_clip`) and kept frozen, as the paper keeps its encoders frozen; when the
+  package has none (or ``random_init=True``), small towers with random weights from a fixed seed (tests);
 - VAE: ``AutoencoderKL`` with factor 4 trained on world frames (``magdiff/assets/world_vae``);
 - U-Net: a ``UNetMotionModel``-shaped MagDiff U-Net (APA + HFA) at 16x16 latents, trained from scratch.
 """
@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .data.world import WORLD_VOCABULARY
+from .errors import MagDiffInputError
 from .models.unet import MagDiffUNetModel, attention_heads
-from .tokenization import build_word_tokenizer
+from .tokenization import WORLD_CONTEXT_LENGTH, load_world_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WORLD_VAE_DIR = ASSETS / "world_vae"
-TEXT_LENGTH = 16
+WORLD_CLIP_DIR = ASSETS / "world_clip"
+TEXT_LENGTH = WORLD_CONTEXT_LENGTH
 TEXT_DIM = 64
 IMAGE_SIZE = 64
 IMAGE_PATCH = 8
@@ -52,17 +54,57 @@ def world_scheduler() -> DDIMScheduler:
     )
 
 
-def world_tokenizer():
-    return build_word_tokenizer(WORLD_VOCABULARY, model_max_length=TEXT_LENGTH)
+def world_tokenizer(path: str | Path | None = None):
+    """The world tokenizer (``path``, else the packaged ``assets/world_tokenizer``; trained afresh when absent)."""
+    return load_world_tokenizer(path)
 
 
-def world_text_encoder(vocab_size: int, seed: int = 0, token_embedding_std: float = 1.0) -> CLIPTextModel:
-    """A small frozen CLIP text tower with random weights.
+def _trained_tower(path: str | Path | None, name: str) -> Path | None:
+    """The folder of a trained world-CLIP tower: ``path/name`` when ``path`` is given (an error when missing), else
+    the packaged one when it exists, else None."""
+    folder = Path(path) if path is not None else WORLD_CLIP_DIR
+    tower = folder / name
+    if (tower / "config.json").is_file():
+        return tower
+    if path is not None:
+        raise FileNotFoundError(f"No world-CLIP {name} at {tower} (expected config.json + model.safetensors).")
+    return None
 
-    Its token embeddings are drawn with std ``token_embedding_std`` (CLIP's own init is 0.02): with CLIP's init the
-    residual stream is dominated by position and the random layers, and two captions that differ in one word differ
-    by 4.5% in their mean token (0.29 at the word's own position); with std 1 by 15% (0.90), which the U-Net learns to
-    read far sooner. A pretrained CLIP needs none of this."""
+
+def world_text_encoder(
+    vocab_size: int | None = None,
+    seed: int = 0,
+    token_embedding_std: float = 1.0,
+    *,
+    path: str | Path | None = None,
+    random_init: bool = False,
+) -> CLIPTextModel:
+    """The world CLIP's frozen text tower, as the ``CLIPTextModel`` the pipeline reads (its last hidden states).
+
+    Loads the trained tower from ``path/text_encoder`` (default: the packaged world CLIP) without its contrastive
+    projection (``text_projection.weight``, the one key it drops; it is used only in pretraining). With
+    ``random_init=True``, or when the package has no trained tower, a small tower with random weights instead: its
+    token embeddings are drawn with std ``token_embedding_std`` (CLIP's own init is 0.02; with std 1 two captions that
+    differ in one word differ far more, which a U-Net learns to read sooner).
+
+    Raises:
+        MagDiffInputError: ``vocab_size`` differs from the trained tower's.
+    """
+    tower = None if random_init else _trained_tower(path, "text_encoder")
+    if tower is not None:
+        config = CLIPTextConfig.from_pretrained(tower)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            raise MagDiffInputError(
+                f"The trained world text tower has {config.vocab_size} token embeddings, not {vocab_size}: use the "
+                "world tokenizer it was trained with (world_tokenizer())."
+            )
+        state = load_file(str(tower / "model.safetensors"))
+        state.pop("text_projection.weight")  # the pretraining projection, not part of the pipeline's encoder
+        model = CLIPTextModel(config)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+    if vocab_size is None:
+        vocab_size = len(world_tokenizer())
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -81,7 +123,15 @@ def world_text_encoder(vocab_size: int, seed: int = 0, token_embedding_std: floa
     return model
 
 
-def world_image_encoder(seed: int = 0) -> CLIPVisionModelWithProjection:
+def world_image_encoder(
+    seed: int = 0, *, path: str | Path | None = None, random_init: bool = False
+) -> CLIPVisionModelWithProjection:
+    """The world CLIP's frozen image tower (``path/image_encoder``, default: the packaged one): the U-Net's APA image
+    tokens are its hidden states of the cut-out subject. Random weights with ``random_init=True`` or when the package
+    has no trained tower."""
+    tower = None if random_init else _trained_tower(path, "image_encoder")
+    if tower is not None:
+        return CLIPVisionModelWithProjection.from_pretrained(tower, use_safetensors=True).eval()
     torch.manual_seed(seed + 1)
     config = CLIPVisionConfig(
         hidden_size=IMAGE_DIM,
@@ -169,13 +219,22 @@ def world_unet(
     return unet
 
 
-def world_components(vae: str | Path | None = None, seed: int = 0) -> dict:
-    """Every frozen component of the world model (everything but the U-Net)."""
-    tokenizer = world_tokenizer()
+def world_components(
+    vae: str | Path | None = None,
+    seed: int = 0,
+    *,
+    clip: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    random_towers: bool = False,
+) -> dict:
+    """Every frozen component of the world model (everything but the U-Net): the world tokenizer, the world CLIP's
+    towers (``clip``, default: the packaged ones; random ones with ``random_towers=True`` or when none is packaged),
+    the world VAE and the scheduler."""
+    text_tokenizer = world_tokenizer(tokenizer)
     return {
         "vae": world_vae(vae, seed),
-        "text_encoder": world_text_encoder(len(tokenizer), seed),
-        "tokenizer": tokenizer,
-        "image_encoder": world_image_encoder(seed),
+        "text_encoder": world_text_encoder(len(text_tokenizer), seed, path=clip, random_init=random_towers),
+        "tokenizer": text_tokenizer,
+        "image_encoder": world_image_encoder(seed, path=clip, random_init=random_towers),
         "scheduler": world_scheduler(),
     }
