@@ -19,9 +19,13 @@ from magdiff.sda import cut_out, fit_path_to_frame, trajectory_slots
 from magdiff.training.trajectory import (
     encode_captions,
     evaluate_trajectory_head,
+    manifest_trajectory_data,
     path_direction,
+    random_subject_words,
     subject_path,
     train_trajectory_head,
+    trajectory_training_data,
+    world_trajectory_data,
 )
 
 SIZE = 32
@@ -136,6 +140,61 @@ def test_subject_path_marks_frames_without_a_subject():
 )
 def test_path_direction_uses_the_oracles_rule(dx, dy, word):
     assert path_direction(dx, dy, STILL_FRACTION) == word
+
+
+# ---------------------------------------------------------------------------------------------------- the data
+
+
+def test_world_data_is_the_clips_then_copies_with_made_up_subject_words():
+    data = world_trajectory_data(6, seed_offset=EVAL_SEED_OFFSET, num_frames=4, made_up_fraction=0.5)
+    assert len(data) == 9 and data.paths.shape == (9, 4, 2)
+    for i in range(6):
+        sample = make_sample(EVAL_SEED_OFFSET + i, WorldConfig(num_frames=4))
+        assert data.captions[i] == sample["caption"]
+        assert torch.equal(data.paths[i], subject_path(sample["masks"]))
+    generator = torch.Generator().manual_seed(EVAL_SEED_OFFSET)  # made-up words are drawn from the seed offset
+    for i in range(3):  # the first half again: the same path, the caption with other subject words
+        meta = make_sample(EVAL_SEED_OFFSET + i, WorldConfig(num_frames=4))["meta"]
+        words = random_subject_words(generator)
+        assert data.captions[6 + i] == caption_for({**meta, "subject_words": words}) != data.captions[i]
+        assert torch.equal(data.paths[6 + i], data.paths[i])
+    again = world_trajectory_data(6, seed_offset=EVAL_SEED_OFFSET, num_frames=4, made_up_fraction=0.5)
+    assert again.captions == data.captions
+    assert len(world_trajectory_data(4, seed_offset=0, num_frames=4)) == 4
+    with pytest.raises(MagDiffInputError, match=r"\[0, 1\]"):
+        world_trajectory_data(4, seed_offset=0, made_up_fraction=1.5)
+
+
+def test_manifest_data_reads_captions_and_mask_paths_from_an_entry_on(tmp_path):
+    manifest = write_square_manifest(tmp_path)
+    data = manifest_trajectory_data(manifest, 10, num_frames=8, size=(32, 32))
+    assert data.captions == ["a square moving right", "a square moving down"]
+    expected = torch.arange(8, dtype=torch.float32) * 2 / 32  # 2 px per frame, as a fraction of 32 px
+    torch.testing.assert_close(data.paths[0], torch.stack([expected, torch.zeros(8)], dim=1))
+    torch.testing.assert_close(data.paths[1], torch.stack([torch.zeros(8), expected], dim=1))
+    second = manifest_trajectory_data(manifest, 10, first=1, num_frames=8, size=(32, 32))
+    assert second.captions == ["a square moving down"] and torch.equal(second.paths, data.paths[1:])
+    assert len(manifest_trajectory_data(manifest, 10, first=2, num_frames=8)) == 0
+
+
+def test_training_data_splits(tmp_path):
+    world = trajectory_training_data("world", num_samples=4, held_out=2, num_frames=4, made_up_fraction=1.0)
+    assert len(world.train) == 8  # 4 clips and their made-up copies
+    assert {name: len(part) for name, part in world.held_out.items()} == {
+        "world eval split": 2,
+        "same, made-up subject words": 2,
+    }
+    held = world.held_out["world eval split"]
+    assert held.captions == [make_sample(EVAL_SEED_OFFSET + i, WorldConfig(num_frames=4))["caption"] for i in (0, 1)]
+    plain = trajectory_training_data("world", num_samples=4, held_out=2, num_frames=4, made_up_fraction=0.0)
+    assert len(plain.train) == 4 and len(plain.held_out["same, made-up subject words"]) == 0
+
+    manifest = write_square_manifest(tmp_path)
+    clips = trajectory_training_data(str(manifest), num_samples=5, held_out=1, size=(32, 32))
+    assert len(clips.train) == 2 and list(clips.held_out) == ["first training clips"]
+    assert clips.held_out["first training clips"].captions == clips.train.captions[:1]
+    with pytest.raises(MagDiffInputError, match="No clips to train the trajectory head on"):
+        trajectory_training_data("world", num_samples=0, held_out=2)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -293,7 +352,6 @@ def test_a_model_saved_without_a_head_loads_without_one(saved_tiny_model):
 
 def test_the_default_models_head_reads_every_motion_word_whatever_the_subject_words():
     from magdiff.data.world import BACKGROUND_COLOURS
-    from magdiff.training.trajectory import random_subject_words
     from magdiff.world_model import ASSETS
 
     pipeline = MagDiffPipeline.from_pretrained(ASSETS / "default_model", use_safetensors=True)
@@ -338,9 +396,23 @@ def write_square_manifest(root):
     return path
 
 
-def test_train_trajectory_command_on_the_world_and_on_a_manifest(saved_tiny_model, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def world_text_model(tmp_path_factory):
+    """The tiny model with the world tokenizer and a random world text tower: it reads every world caption."""
+    from magdiff.tiny import tiny_magdiff_pipeline
+    from magdiff.world_model import world_text_encoder, world_tokenizer
+
+    pipeline = tiny_magdiff_pipeline(seed=0)
+    tokenizer = world_tokenizer()
+    pipeline.register_modules(tokenizer=tokenizer, text_encoder=world_text_encoder(len(tokenizer), random_init=True))
+    path = tmp_path_factory.mktemp("world_text_model") / "model"
+    pipeline.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_train_trajectory_command_on_the_world_and_on_a_manifest(world_text_model, saved_tiny_model, tmp_path, capsys):
     out = tmp_path / "with_head"
-    args = ["train-trajectory", "--model", str(saved_tiny_model), "--num-samples", "64", "--held-out", "16"]
+    args = ["train-trajectory", "--model", str(world_text_model), "--num-samples", "64", "--held-out", "16"]
     assert cli([*args, "--steps", "20", "--out", str(out)]) == 0
     assert "held out (world eval split)" in capsys.readouterr().out
     loaded = MagDiffPipeline.from_pretrained(out, use_safetensors=True)

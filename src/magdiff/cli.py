@@ -11,15 +11,29 @@ Bad input ends with one ``error: ...`` line on stderr and exit status 2; no outp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import MagDiffInputError
+from .evaluation.layouts import DAVIS_LAYOUT, DREAMBOOTH_LAYOUT, EXTRACTOR_HELP, FOLDER_LAYOUT
 
 DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm-solver++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+"""``--scheduler`` names -> diffusers scheduler classes (``default``: the model's own)."""
+
+
+# ---------------------------------------------------------------------------------------------------- loading
 
 
 def default_cache_dir() -> Path:
@@ -71,7 +85,12 @@ def _device(name: str) -> str:
     return "cpu"
 
 
-def load_pipeline(args: argparse.Namespace, **components: object):  # -> MagDiffPipeline
+def load_pipeline(
+    model: str | None, *, device: str = "auto", dtype: str = "float32", scheduler: str = "default", **components: Any
+):  # -> MagDiffPipeline
+    """The pipeline of ``--model`` (see :func:`resolve_model`) on ``device``, sampling with ``scheduler`` (a
+    :data:`SCHEDULERS` name or ``"default"``); ``components`` replace saved ones (``trajectory=None``: no head)."""
+    import diffusers
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -83,58 +102,58 @@ def load_pipeline(args: argparse.Namespace, **components: object):  # -> MagDiff
     transformers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    model = resolve_model(args.model)
-    dtype = getattr(torch, args.dtype)
-    pipeline = MagDiffPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True, **components)
-    pipeline.to(_device(args.device))
+    folder = resolve_model(model)
+    pipeline = MagDiffPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True, **components)
+    pipeline.to(_device(device))
     pipeline.set_progress_bar_config(disable=False, desc="denoising", leave=True)
-    if args.scheduler != "default":
-        pipeline.scheduler = _scheduler(args.scheduler, pipeline.scheduler.config)
+    if scheduler != "default":
+        pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
     return pipeline
 
 
-SCHEDULERS = ("default", "ddim", "dpm-solver++", "euler", "euler-ancestral", "pndm")
+def _load_sampling_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler)
 
 
-def _scheduler(name: str, config: dict):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-    )
+def _segmenter(name: str | None):
+    if name is None:
+        return None
+    from .segmentation import get_segmenter
 
-    classes = {
-        "ddim": DDIMScheduler,
-        "dpm-solver++": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler-ancestral": EulerAncestralDiscreteScheduler,
-        "pndm": PNDMScheduler,
-    }
-    return classes[name].from_config(config)
+    return get_segmenter(name)
 
 
-def _generator(seed: int | None):
+def _size(args: argparse.Namespace, pipeline) -> tuple[int, int]:
+    default_height, default_width = pipeline.default_size
+    return args.height or default_height, args.width or default_width
+
+
+def _write_json(path: str | os.PathLike[str], record: dict[str, Any], indent: int | None = 1) -> None:
+    from .media import write_text_atomically
+
+    write_text_atomically(path, json.dumps(record, indent=indent))
+
+
+# ---------------------------------------------------------------------------------------------------- generate, edit
+
+
+def _run_and_save(pipeline, args: argparse.Namespace, fmt: str, size: tuple[int, int], **inputs: Any) -> None:
     import torch
 
-    return None if seed is None else torch.Generator().manual_seed(seed)
-
-
-def _run_and_save(pipeline, args: argparse.Namespace, fmt: str, **inputs: object) -> None:
     from .media import save_video
 
     start = time.perf_counter()
+    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     output = pipeline(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
+        height=size[0],
+        width=size[1],
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         image_guidance_scale=args.image_guidance_scale,
-        generator=_generator(args.seed),
+        generator=generator,
+        truncate_prompt=args.truncate_prompt,
         output_type="pt",
         **inputs,
     )
@@ -146,36 +165,16 @@ def _run_and_save(pipeline, args: argparse.Namespace, fmt: str, **inputs: object
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .media import check_output_path, load_subject
+    from .media import check_output_path, load_subject, load_trajectory
 
     fmt = check_output_path(args.out)
     segmenter = _segmenter(args.segmenter)
-    pipeline = load_pipeline(args)
-    height, width = _size(args, pipeline)
-    subject = load_subject(args.subject, mask_path=args.subject_mask, segmenter=segmenter, size=(height, width))
-    args.height, args.width = height, width
-    trajectory = _trajectory_option(args.trajectory)
-    _run_and_save(pipeline, args, fmt, subject_image=subject.image, subject_mask=subject.mask, trajectory=trajectory)
-
-
-def _trajectory_option(value: str):
-    """``--trajectory``: 'auto', 'off', inline JSON ``[[dx, dy], ...]`` or a JSON file holding that list."""
-    import json
-
-    if value in ("auto", "off"):
-        return value
-    text = value
-    if not value.lstrip().startswith("["):
-        path = Path(value)
-        if not path.is_file():
-            raise MagDiffInputError(
-                f"--trajectory {value!r} is neither 'auto', 'off', a JSON list [[dx, dy], ...] nor a JSON file."
-            )
-        text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MagDiffInputError(f"--trajectory is not valid JSON ({error}); give [[dx, dy], ...] in pixels.") from None
+    pipeline = _load_sampling_pipeline(args)
+    size = _size(args, pipeline)
+    subject = load_subject(args.subject, mask_path=args.subject_mask, segmenter=segmenter, size=size)
+    trajectory = load_trajectory(args.trajectory)
+    inputs = {"subject_image": subject.image, "subject_mask": subject.mask, "trajectory": trajectory}
+    _run_and_save(pipeline, args, fmt, size, num_frames=args.num_frames, **inputs)
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -183,8 +182,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
     fmt = check_output_path(args.out)
     segmenter = _segmenter(args.segmenter)
-    pipeline = load_pipeline(args)
-    height, width = _size(args, pipeline)
+    pipeline = _load_sampling_pipeline(args)
+    size = _size(args, pipeline)
     info = probe_video(args.video)
     num_frames = args.num_frames or min(info.num_frames or 8, pipeline.max_num_frames)
     if num_frames > pipeline.max_num_frames:
@@ -192,28 +191,20 @@ def cmd_edit(args: argparse.Namespace) -> None:
             f"--num-frames {num_frames} is more than this model supports "
             f"({pipeline.max_num_frames}); ask for fewer frames."
         )
-    frames = load_video(args.video, num_frames=num_frames, size=(height, width))
+    frames = load_video(args.video, num_frames=num_frames, size=size)
     masks = None
     if args.masks is not None:
-        masks = load_masks(
-            args.masks, num_frames=num_frames, size=(height, width), expected_size=(info.height, info.width)
-        )
-    args.height, args.width, args.num_frames = height, width, num_frames
+        masks = load_masks(args.masks, num_frames=num_frames, size=size, expected_size=(info.height, info.width))
     if args.invert:
         from .inversion import check_invertible
 
         check_invertible(pipeline.scheduler)  # before any work: --invert needs DDIM
-    _run_and_save(
-        pipeline,
-        args,
-        fmt,
-        video=frames,
-        video_masks=masks,
-        keep=args.keep,
-        segmenter=segmenter,
-        invert=args.invert,
-        source_prompt=args.source_prompt,
-    )
+    inputs = {"video": frames, "video_masks": masks, "keep": args.keep, "segmenter": segmenter}
+    inputs.update(invert=args.invert, source_prompt=args.source_prompt)
+    _run_and_save(pipeline, args, fmt, size, num_frames=num_frames, **inputs)
+
+
+# ---------------------------------------------------------------------------------------------------- assemble, train
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
@@ -245,7 +236,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .training.config import config_from_dict, get_preset, load_config
     from .training.trainer import train
 
-    config = load_config(args.config) if args.config else get_preset(args.preset)
     overrides = {}
     for item in args.set or []:
         key, separator, value = item.partition("=")
@@ -256,7 +246,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides["output_dir"] = args.output_dir
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
-    config = config_from_dict(overrides, config)
+    if args.config:
+        config = load_config(args.config, overrides=overrides)
+    else:
+        config = config_from_dict(overrides, get_preset(args.preset))
     if args.prepare_only:
         cache = train(config, progress=not args.no_progress, prepare_only=True)
         print(f"cached the encoded training clips in {cache}")
@@ -265,14 +258,55 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {config.max_steps} steps; model written to {export}")
 
 
-def cmd_evaluate_world(args: argparse.Namespace) -> None:
-    import json
+def cmd_train_trajectory(args: argparse.Namespace) -> None:
+    from .pipelines.assembly import save_pipeline_atomically
+    from .training.trajectory import evaluate_trajectory_head, train_trajectory_head, trajectory_training_data
 
+    out = Path(args.out)
+    if out.exists() and not args.overwrite and out.resolve() != Path(resolve_model(args.model)).resolve():
+        raise MagDiffInputError(f"{out} exists; pass --overwrite to replace it.")
+    # float32 and the saved scheduler: the pipeline is written back whole. A head already there is replaced.
+    pipeline = load_pipeline(args.model, device=args.device, trajectory=None)
+    pipeline.set_progress_bar_config(disable=True)
+    data = trajectory_training_data(
+        args.data,
+        num_samples=args.num_samples,
+        held_out=args.held_out,
+        num_frames=args.num_frames,
+        made_up_fraction=args.made_up_subjects,
+        size=pipeline.default_size,
+    )
+    print(f"trajectory head: {len(data.train)} clips from {args.data}, {args.steps} steps")
+    result = train_trajectory_head(
+        pipeline,
+        data.train.captions,
+        data.train.paths,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        on_log=lambda record: print(f"step {record['step']:>6}  loss {record['loss']:.6f}  {record['seconds']:.0f} s"),
+    )
+    scores: dict[str, dict[str, float]] = {}
+    for name, part in data.held_out.items():
+        if len(part):
+            scores[name] = evaluate_trajectory_head(pipeline, result.head, part.captions, part.paths)
+            print(f"held out ({name}): " + ", ".join(f"{key} {value:.4f}" for key, value in scores[name].items()))
+    pipeline.register_modules(trajectory=result.head)
+    save_pipeline_atomically(pipeline, out)
+    log = {"data": args.data, "num_samples": len(data.train), "log": result.log, "held_out": scores}
+    _write_json(out / "trajectory" / "training_log.json", log, indent=None)
+    print(f"wrote {out} (with its trajectory head)")
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate_world(args: argparse.Namespace) -> None:
     from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
 
-    pipeline = load_pipeline(args)
+    pipeline = _load_sampling_pipeline(args)
     pipeline.set_progress_bar_config(disable=True)
-    tasks = tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS
     per_sample: list[dict] = []
     results = evaluate_world(
         pipeline,
@@ -282,7 +316,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         num_frames=args.num_frames,
         resolution=args.resolution,
         seed=args.seed,
-        tasks=tasks,
+        tasks=tuple(args.tasks.split(",")) if args.tasks else DEFAULT_TASKS,
         preview_path=args.preview,
         first_sample=args.first_sample,
         per_sample=per_sample,
@@ -293,165 +327,37 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}")
     if args.out:
-        from .media import write_text_atomically
-
-        record = {
-            "num_samples": args.num_samples,
-            "first_sample": args.first_sample,
-            "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
-            "seed": args.seed,
-            "trajectory": args.trajectory,
-            "results": results,
-            "per_sample": per_sample,
-        }
-        write_text_atomically(args.out, json.dumps(record, indent=1))
+        settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory")
+        record = {key: getattr(args, key) for key in settings}
+        _write_json(args.out, {**record, "results": results, "per_sample": per_sample})
         print(f"wrote {args.out}")
 
 
-_EXTRACTOR_HELP = {
-    "clip": "local CLIP model folder (CLIPModel + tokenizer + preprocessor files, e.g. a copy of "
-    "openai/clip-vit-large-patch14): text alignment, frame consistency, CLIP-T, CLIP-I",
-    "dino": "local DINO ViT folder (ViTModel/Dinov2Model + preprocessor_config.json, e.g. a copy of "
-    "facebook/dino-vits16): DINO subject similarity",
-    "i3d": "local TorchScript I3D file (StyleGAN-V's i3d_torchscript.pt, Kinetics-400): FVD",
-    "c3d": "local TorchScript C3D file fine-tuned on UCF-101 (StyleGAN-V's c3d_ucf101.pt): video IS",
-}
+def _score_videos(args: argparse.Namespace, benchmark: str, inputs: dict, kinds: Sequence[str], **options: Any) -> None:
+    """Load the extractors of ``kinds``, score the videos with :func:`evaluate_videos`, print the table and write
+    the ``--out`` record."""
+    from .evaluation.standard import evaluate_videos, format_results, load_extractors
 
-_LAYOUT_FOOTER = """
-Extractors are read from local paths only (nothing is downloaded); a metric whose extractor is not given is
-skipped with a note. Metadata paths are relative to the metadata file's folder (or absolute); unknown keys are
-ignored. See docs/metrics.md for the definitions and protocols.
-"""
-
-_FOLDER_HELP = (
-    """Score a folder of generated videos with the standard metrics.
-
-Layout:
-  VIDEOS/metadata.jsonl (or prompts.jsonl), one JSON object per line:
-    {"video": "cat_000.mp4", "prompt": "a cat walking on the beach",
-     "subject": "subjects/cat.png", "reference": "real/cat_000.mp4"}
-  video (or file_name): a video file or frame folder (required)
-  prompt: the text it was made from (text alignment, CLIP-T; optional)
-  subject: an image, a folder of images, or a list of them (CLIP-I, DINO; optional)
-  reference: a real video for the FVD reference set when --reference is not given (optional)
-  Without a metadata file every video file directly inside VIDEOS is scored (no prompts).
-  --reference DIR: every video file under DIR (recursively) is a real video for FVD.
-"""
-    + _LAYOUT_FOOTER
-)
-
-_DAVIS_HELP = (
-    """Score edited DAVIS sequences: textual alignment, frame consistency (CLIP, x100) and the
-error inside the kept region.
-
-Layout:
-  DAVIS/JPEGImages/480p/<sequence>/00000.jpg ...   (the DAVIS release: --davis DAVIS)
-  DAVIS/Annotations/480p/<sequence>/00000.png ...  (optional: the kept-region error)
-  VIDEOS/metadata.jsonl, one JSON object per edited video:
-    {"video": "blackswan_snow.mp4", "sequence": "blackswan",
-     "prompt": "a swan swimming in the snow", "keep": "subject"}
-  keep: subject (default: the annotated object was kept) or background.
-  Edited frame i is compared with source frame i (what `magdiff edit` produces).
-"""
-    + _LAYOUT_FOOTER
-)
-
-_DREAMBOOTH_HELP = (
-    """Score videos of DreamBooth subjects: DINO, CLIP-I, CLIP-T (cosines, not x100).
-
-Layout:
-  DATASET/<subject>/*.jpg        (the DreamBooth dataset folder: --dataset DATASET)
-  VIDEOS/metadata.jsonl, one JSON object per video:
-    {"video": "dog6_00.mp4", "subject": "dog6", "prompt": "a dog swimming in a pool"}
-  Each frame is compared with every image of its subject; means over frames, then over videos.
-"""
-    + _LAYOUT_FOOTER
-)
-
-
-def _check_json_output(path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path).expanduser()
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise MagDiffInputError(f"the output folder {str(parent)!r} for --out {str(out)!r} does not exist.")
-    if out.is_dir():
-        raise MagDiffInputError(f"--out {str(out)!r} is an existing folder; give a file name.")
-
-
-def _check_extractor_paths(args: argparse.Namespace, kinds: Sequence[str]) -> None:
-    """Fail on a missing extractor path before any model is loaded."""
-    for kind in kinds:
-        path = getattr(args, kind)
-        if path is not None and not Path(path).expanduser().exists():
-            what = {
-                "clip": "folder of a CLIP model",
-                "dino": "folder of a DINO ViT",
-                "i3d": "TorchScript file of the I3D network",
-                "c3d": "TorchScript file of the C3D network",
-            }[kind]
-            raise MagDiffInputError(f"--{kind} {path!r} does not exist; give the local {what}.")
-
-
-def _load_extractors(args: argparse.Namespace, kinds: Sequence[str]):  # -> Extractors
-    from transformers.utils import logging as transformers_logging
-
-    from .evaluation.metrics import C3DClassifier, ClipEmbedder, DinoEmbedder, I3DFeatures
-    from .evaluation.standard import Extractors
-
-    _check_extractor_paths(args, kinds)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    device = _device(args.device)
-    extractors = Extractors()
-    if "clip" in kinds and args.clip:
-        extractors.clip = ClipEmbedder.from_pretrained(args.clip, device=device)
-    if "dino" in kinds and args.dino:
-        extractors.dino = DinoEmbedder.from_pretrained(args.dino, device=device)
-    if "i3d" in kinds and args.i3d:
-        extractors.i3d = I3DFeatures.from_torchscript(args.i3d, device=device)
-    if "c3d" in kinds and args.c3d:
-        outputs = "logits" if args.c3d_logits else "probabilities"
-        extractors.c3d = C3DClassifier.from_torchscript(args.c3d, device=device, outputs=outputs)
-    extractors.paths = {kind: getattr(args, kind) for kind in kinds if getattr(args, kind)}
-    return extractors
-
-
-def _report(args: argparse.Namespace, benchmark: str, inputs: dict, extractors, **evaluate_kwargs) -> None:
-    import json
-
-    from .evaluation.standard import evaluate_videos
-
+    paths = {kind: getattr(args, kind) for kind in kinds}
+    outputs = "logits" if getattr(args, "c3d_logits", False) else "probabilities"
+    extractors = load_extractors(paths, device=_device(args.device), c3d_outputs=outputs)
     skipped: dict[str, str] = {}
     per_video: list[dict] = []
     results = evaluate_videos(
-        extractors=extractors,
-        progress=not args.no_progress,
-        per_video=per_video,
-        skipped=skipped,
-        **evaluate_kwargs,
+        extractors=extractors, progress=not args.no_progress, per_video=per_video, skipped=skipped, **options
     )
-    width = max(len(key) for key in [*results, *skipped])
-    for key, value in results.items():
-        shown = str(int(value)) if key.startswith(("num_", "fvd_num_")) else f"{value:.4f}"
-        print(f"{key:<{width}}  {shown}")
-    for metric, reason in skipped.items():
-        print(f"{metric:<{width}}  skipped: {reason}")
+    print("\n".join(format_results(results, skipped)))
     if args.out:
-        from .media import write_text_atomically
-
-        record = {
-            "benchmark": benchmark,
-            **inputs,
-            "extractors": extractors.paths,
-            "results": results,
-            "skipped": skipped,
-            "per_video": per_video,
-        }
-        write_text_atomically(args.out, json.dumps(record, indent=1))
+        record = {"benchmark": benchmark, **inputs, "extractors": extractors.paths, "results": results}
+        _write_json(args.out, {**record, "skipped": skipped, "per_video": per_video})
         print(f"wrote {args.out}")
+
+
+def _check_json_output(path: str | None) -> None:
+    if path is not None:
+        from .media import check_text_output_path
+
+        check_text_output_path(path)
 
 
 def cmd_evaluate_folder(args: argparse.Namespace) -> None:
@@ -464,13 +370,12 @@ def cmd_evaluate_folder(args: argparse.Namespace) -> None:
         references = list_videos(args.reference, recursive=True)
         if not references:
             raise MagDiffInputError(f"--reference {args.reference!r} contains no video files.")
-    extractors = _load_extractors(args, ("clip", "dino", "i3d", "c3d"))
     inputs = {"videos": args.videos, "reference": args.reference, "num_frames": args.num_frames}
-    _report(
+    _score_videos(
         args,
         "folder",
         inputs,
-        extractors,
+        ("clip", "dino", "i3d", "c3d"),
         items=items,
         metrics=FOLDER_METRICS,
         reference_videos=references,
@@ -486,9 +391,8 @@ def cmd_evaluate_davis(args: argparse.Namespace) -> None:
 
     _check_json_output(args.out)
     items = read_davis(args.davis, args.videos, resolution=args.resolution)
-    extractors = _load_extractors(args, ("clip",))
     inputs = {"videos": args.videos, "davis": args.davis, "resolution": args.resolution}
-    _report(args, "davis", inputs, extractors, items=items, metrics=DAVIS_METRICS, frame_pairs=args.frame_pairs)
+    _score_videos(args, "davis", inputs, ("clip",), items=items, metrics=DAVIS_METRICS, frame_pairs=args.frame_pairs)
 
 
 def cmd_evaluate_dreambooth(args: argparse.Namespace) -> None:
@@ -496,153 +400,8 @@ def cmd_evaluate_dreambooth(args: argparse.Namespace) -> None:
 
     _check_json_output(args.out)
     items = read_dreambooth(args.dataset, args.videos)
-    extractors = _load_extractors(args, ("clip", "dino"))
     inputs = {"videos": args.videos, "dataset": args.dataset}
-    _report(args, "dreambooth", inputs, extractors, items=items, metrics=DREAMBOOTH_METRICS)
-
-
-def _add_standard_arguments(parser: argparse.ArgumentParser, kinds: Sequence[str]) -> None:
-    parser.add_argument("--videos", required=True, metavar="DIR", help="folder of the videos to score (see above)")
-    for kind in kinds:
-        metavar = "DIR" if kind in ("clip", "dino") else "FILE"
-        parser.add_argument(f"--{kind}", default=None, metavar=metavar, help=_EXTRACTOR_HELP[kind])
-    parser.add_argument("--out", default=None, metavar="JSON", help="write results, skipped metrics, per-video scores")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_standard_parsers(targets: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    formatter = argparse.RawDescriptionHelpFormatter
-    pairs_help = "frame pairs of frame consistency: consecutive (default) or all pairs"
-
-    folder = targets.add_parser(
-        "folder", help="standard metrics of a folder of videos", description=_FOLDER_HELP, formatter_class=formatter
-    )
-    _add_standard_arguments(folder, ("clip", "dino", "i3d", "c3d"))
-    folder.add_argument("--reference", default=None, metavar="DIR", help="folder of real videos for FVD")
-    folder.add_argument(
-        "--num-frames",
-        type=int,
-        default=16,
-        help="frames per clip for FVD and IS (default 16, the published protocol; other values are not comparable)",
-    )
-    folder.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score (default 10)")
-    folder.add_argument("--c3d-logits", action="store_true", help="the --c3d network returns logits, not softmax")
-    folder.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
-    folder.add_argument("--batch-size", type=int, default=8, help="clips per I3D/C3D batch (default 8)")
-    folder.set_defaults(func=cmd_evaluate_folder)
-
-    davis = targets.add_parser(
-        "davis",
-        help="textual alignment and frame consistency of DAVIS edits",
-        description=_DAVIS_HELP,
-        formatter_class=formatter,
-    )
-    davis.add_argument("--davis", required=True, metavar="DIR", help="the DAVIS folder (JPEGImages/, Annotations/)")
-    davis.add_argument("--resolution", default="480p", help="DAVIS resolution folder (default 480p)")
-    davis.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
-    _add_standard_arguments(davis, ("clip",))
-    davis.set_defaults(func=cmd_evaluate_davis)
-
-    dreambooth = targets.add_parser(
-        "dreambooth",
-        help="DINO, CLIP-I and CLIP-T of DreamBooth subject videos",
-        description=_DREAMBOOTH_HELP,
-        formatter_class=formatter,
-    )
-    dreambooth.add_argument("--dataset", required=True, metavar="DIR", help="the DreamBooth dataset folder")
-    _add_standard_arguments(dreambooth, ("clip", "dino"))
-    dreambooth.set_defaults(func=cmd_evaluate_dreambooth)
-
-
-def _trajectory_data(args: argparse.Namespace, size: tuple[int, int], count: int, offset: int):
-    """(captions, paths) of ``count`` clips from the world (seeds from ``offset``; with ``--made-up-subjects``, some
-    again with made-up subject words) or from a manifest (entries from ``offset``)."""
-    import torch
-
-    from .training.trajectory import random_subject_words, subject_path
-
-    captions: list[str] = []
-    paths: list[torch.Tensor] = []
-    if args.data == "world":
-        from .data.world import WorldConfig, caption_for, make_sample
-
-        world = WorldConfig(num_frames=args.num_frames)  # 64 px: paths are fractions of the frame, any size will do
-        metas = []
-        for i in range(count):
-            sample = make_sample(offset + i, world)
-            captions.append(sample["caption"])
-            paths.append(subject_path(sample["masks"]))
-            metas.append(sample["meta"])
-        # The world has few subject words; made-up ones teach the head that they do not decide the path.
-        generator = torch.Generator().manual_seed(offset)
-        for i in range(round(args.made_up_subjects * count)):
-            captions.append(caption_for({**metas[i], "subject_words": random_subject_words(generator)}))
-            paths.append(paths[i])
-    else:
-        from .data.manifest import ManifestDataset
-
-        dataset = ManifestDataset(args.data, num_frames=args.num_frames, size=size)
-        for i in range(offset, min(len(dataset), offset + count)):
-            sample = dataset[i]
-            captions.append(sample["caption"])
-            paths.append(subject_path(sample["masks"]))
-    if not captions:
-        raise MagDiffInputError(f"No clips to train the trajectory head on in {args.data!r} (from clip {offset}).")
-    return captions, torch.stack(paths)
-
-
-def cmd_train_trajectory(args: argparse.Namespace) -> None:
-    import json
-
-    from .data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
-    from .media import write_text_atomically
-    from .pipelines.assembly import save_pipeline_atomically
-    from .training.trajectory import evaluate_trajectory_head, train_trajectory_head
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and out.resolve() != Path(resolve_model(args.model)).resolve():
-        raise MagDiffInputError(f"{out} exists; pass --overwrite to replace it.")
-    args.scheduler, args.dtype = "default", "float32"
-    pipeline = load_pipeline(args, trajectory=None)  # a head already there is replaced, whatever its shape
-    pipeline.set_progress_bar_config(disable=True)
-    size = pipeline.default_size
-    if args.data == "world":
-        captions, paths = _trajectory_data(args, size, args.num_samples, TRAIN_SEED_OFFSET)
-        held_captions, held_paths = _trajectory_data(args, size, args.held_out, EVAL_SEED_OFFSET)
-        held_out = {
-            "world eval split": slice(0, args.held_out),
-            "same, made-up subject words": slice(args.held_out, None),
-        }
-    else:
-        captions, paths = _trajectory_data(args, size, args.num_samples, 0)
-        held_captions, held_paths = captions, paths
-        held_out = {"first training clips": slice(0, args.held_out)}
-    print(f"trajectory head: {len(captions)} clips from {args.data}, {args.steps} steps")
-    result = train_trajectory_head(
-        pipeline,
-        captions,
-        paths,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        on_log=lambda record: print(f"step {record['step']:>6}  loss {record['loss']:.6f}  {record['seconds']:.0f} s"),
-    )
-    scores: dict[str, dict[str, float]] = {}
-    for name, part in held_out.items():
-        if not held_captions[part]:
-            continue
-        figures = evaluate_trajectory_head(pipeline, result.head, held_captions[part], held_paths[part])
-        scores[name] = figures
-        print(f"held out ({name}): " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()))
-    pipeline.register_modules(trajectory=result.head)
-    save_pipeline_atomically(pipeline, out)
-    write_text_atomically(
-        out / "trajectory" / "training_log.json",
-        json.dumps({"data": args.data, "num_samples": len(captions), "log": result.log, "held_out": scores}),
-    )
-    print(f"wrote {out} (with its trajectory head)")
+    _score_videos(args, "dreambooth", inputs, ("clip", "dino"), items=items, metrics=DREAMBOOTH_METRICS)
 
 
 def cmd_world_preview(args: argparse.Namespace) -> None:
@@ -652,38 +411,100 @@ def cmd_world_preview(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def _size(args: argparse.Namespace, pipeline) -> tuple[int, int]:
-    default_height, default_width = pipeline.default_size
-    return args.height or default_height, args.width or default_width
+# ---------------------------------------------------------------------------------------------------- the parser
 
 
-def _segmenter(name: str | None):
-    if name is None:
-        return None
-    from .segmentation import get_segmenter
-
-    return get_segmenter(name)
+def _add_model_arguments(parser: argparse.ArgumentParser, *, sampling: bool = True) -> None:
+    """``--model`` and ``--device``; with ``sampling``, ``--dtype`` and ``--scheduler`` too."""
+    parser.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged default model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    if sampling:
+        parser.add_argument("--dtype", choices=DTYPES, default="float32")
+        schedulers = ("default", *SCHEDULERS)
+        parser.add_argument("--scheduler", choices=schedulers, default="default", help="sampler (default: the model's)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="MagDiff pipeline folder (default: the packaged default model)")
+    _add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
+    truncate_help = "cut a prompt longer than the text encoder's context (with a warning) instead of an error"
+    parser.add_argument("--truncate-prompt", action="store_true", help=truncate_help)
     parser.add_argument("--num-frames", type=int, default=None, help="frames to generate (default 8)")
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance scale (default 7.5)")
-    parser.add_argument(
-        "--image-guidance-scale", type=float, default=None, help="optional subject guidance scale (default: off)"
-    )
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="default", help="sampler (default: the model's)")
+    guidance_help = "optional subject guidance scale (default: off)"
+    parser.add_argument("--image-guidance-scale", type=float, default=None, help=guidance_help)
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--segmenter", default=None, help="segmenter where no mask is given (default: grabcut)")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written video")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", required=True, help="output video, .mp4 (H.264) or .gif")
+
+
+def _add_standard_parser(
+    targets: argparse._SubParsersAction, name: str, summary: str, layout: str, kinds: Sequence[str]
+) -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = targets.add_parser(name, help=summary, description=layout, formatter_class=formatter)
+    parser.add_argument("--videos", required=True, metavar="DIR", help="folder of the videos to score (see above)")
+    for kind in kinds:
+        metavar = "DIR" if kind in ("clip", "dino") else "FILE"
+        parser.add_argument(f"--{kind}", default=None, metavar=metavar, help=EXTRACTOR_HELP[kind])
+    parser.add_argument("--out", default=None, metavar="JSON", help="write results, skipped metrics, per-video scores")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _add_evaluate_parsers(targets: argparse._SubParsersAction) -> None:
+    world = targets.add_parser("world", help="the world benchmark, scored exactly by the oracle")
+    _add_model_arguments(world)
+    world.add_argument("--num-samples", type=int, default=200)
+    world.add_argument("--first-sample", type=int, default=0, help="first held-out clip (to split a run in shards)")
+    world.add_argument("--steps", type=int, default=25)
+    world.add_argument("--num-frames", type=int, default=8, help="frames of the world clips (the model's own)")
+    world.add_argument("--resolution", type=int, default=64, help="size of the world clips in pixels")
+    world.add_argument("--guidance-scale", type=float, default=7.5)
+    world.add_argument("--seed", type=int, default=0)
+    tasks_help = "comma-separated, from generation,empty_subject,editing,editing_inverted (default: the first three)"
+    world.add_argument("--tasks", default=None, help=tasks_help)
+    subject_help = (
+        "generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)"
+    )
+    world.add_argument("--subject-input", choices=("segmented", "whole"), default="segmented", help=subject_help)
+    trajectory_help = "generation along the model's trajectory head (auto, default) or the paper's slot 0 only (off)"
+    world.add_argument("--trajectory", choices=("auto", "off"), default="auto", help=trajectory_help)
+    world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
+    world.add_argument("--out", default=None, help="write the results as JSON here")
+    world.set_defaults(func=cmd_evaluate_world)
+
+    pairs_help = "frame pairs of frame consistency: consecutive (default) or all pairs"
+    folder_kinds = ("clip", "dino", "i3d", "c3d")
+    folder = _add_standard_parser(
+        targets, "folder", "standard metrics of a folder of videos", FOLDER_LAYOUT, folder_kinds
+    )
+    folder.add_argument("--reference", default=None, metavar="DIR", help="folder of real videos for FVD")
+    frames_help = "frames per clip for FVD and IS (default 16, the published protocol; other values are not comparable)"
+    folder.add_argument("--num-frames", type=int, default=16, help=frames_help)
+    folder.add_argument("--is-splits", type=int, default=10, help="splits of the Inception Score (default 10)")
+    folder.add_argument("--c3d-logits", action="store_true", help="the --c3d network returns logits, not softmax")
+    folder.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
+    folder.add_argument("--batch-size", type=int, default=8, help="clips per I3D/C3D batch (default 8)")
+    folder.set_defaults(func=cmd_evaluate_folder)
+
+    summary = "textual alignment and frame consistency of DAVIS edits"
+    davis = _add_standard_parser(targets, "davis", summary, DAVIS_LAYOUT, ("clip",))
+    davis.add_argument("--davis", required=True, metavar="DIR", help="the DAVIS folder (JPEGImages/, Annotations/)")
+    davis.add_argument("--resolution", default="480p", help="DAVIS resolution folder (default 480p)")
+    davis.add_argument("--frame-pairs", choices=("consecutive", "all"), default="consecutive", help=pairs_help)
+    davis.set_defaults(func=cmd_evaluate_davis)
+
+    summary = "DINO, CLIP-I and CLIP-T of DreamBooth subject videos"
+    dreambooth = _add_standard_parser(targets, "dreambooth", summary, DREAMBOOTH_LAYOUT, ("clip", "dino"))
+    dreambooth.add_argument("--dataset", required=True, metavar="DIR", help="the DreamBooth dataset folder")
+    dreambooth.set_defaults(func=cmd_evaluate_dreambooth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -691,38 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="text + subject image -> video")
-    generate.add_argument(
-        "--subject",
-        required=True,
-        help="subject image: PNG with alpha, or RGB with --subject-mask, or RGB alone (segmented)",
-    )
+    subject_help = "subject image: PNG with alpha, or RGB with --subject-mask, or RGB alone (segmented)"
+    generate.add_argument("--subject", required=True, help=subject_help)
     generate.add_argument("--subject-mask", default=None, help="mask image of the subject (white = subject)")
-    generate.add_argument(
-        "--trajectory",
-        default="auto",
-        help="where the subject goes: auto (the model's trajectory head reads the prompt; default), off (the "
-        "paper's slot-0-only generation), or [[dx, dy], ...] pixels per frame, inline or in a JSON file",
+    trajectory_help = (
+        "where the subject goes: auto (the model's trajectory head reads the prompt; default), off (the paper's "
+        "slot-0-only generation), or [[dx, dy], ...] pixels per frame, inline or in a JSON file"
     )
+    generate.add_argument("--trajectory", default="auto", help=trajectory_help)
     _add_sampling_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
     edit = commands.add_parser("edit", help="source video + text -> edited video keeping the masked region")
     edit.add_argument("--video", required=True, help="source video (mp4, gif, ... or a folder of frames)")
-    edit.add_argument(
-        "--masks", default=None, help="folder of per-frame mask PNGs, or a mask video (default: segment every frame)"
+    masks_help = "folder of per-frame mask PNGs, or a mask video (default: segment every frame)"
+    edit.add_argument("--masks", default=None, help=masks_help)
+    keep_help = "keep the masked subject (change the scene) or the scene (change the subject)"
+    edit.add_argument("--keep", choices=("subject", "background"), default="subject", help=keep_help)
+    invert_help = (
+        "start from the DDIM inversion of the source video instead of noise (motion and layout follow it more "
+        "closely; needs the DDIM scheduler)"
     )
-    edit.add_argument(
-        "--keep",
-        choices=("subject", "background"),
-        default="subject",
-        help="keep the masked subject (change the scene) or the scene (change the subject)",
-    )
-    edit.add_argument(
-        "--invert",
-        action="store_true",
-        help="start from the DDIM inversion of the source video instead of noise (motion and layout follow it more "
-        "closely; needs the DDIM scheduler)",
-    )
+    edit.add_argument("--invert", action="store_true", help=invert_help)
     edit.add_argument("--source-prompt", default="", help="what the source video shows, for --invert (default: empty)")
     _add_sampling_arguments(edit)
     edit.set_defaults(func=cmd_edit)
@@ -751,48 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--max-steps", type=int, default=None)
     train_parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     train_parser.add_argument("--no-progress", action="store_true")
-    train_parser.add_argument(
-        "--prepare-only",
-        action="store_true",
-        help="only build the cache of encoded clips (before a multi-process launch)",
-    )
+    prepare_help = "only build the cache of encoded clips (before a multi-process launch)"
+    train_parser.add_argument("--prepare-only", action="store_true", help=prepare_help)
     train_parser.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a model or a folder of videos")
-    targets = evaluate.add_subparsers(dest="target", required=True)
-    world = targets.add_parser("world", help="the world benchmark, scored exactly by the oracle")
-    world.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
-    world.add_argument("--num-samples", type=int, default=200)
-    world.add_argument("--first-sample", type=int, default=0, help="first held-out clip (to split a run in shards)")
-    world.add_argument("--steps", type=int, default=25)
-    world.add_argument("--num-frames", type=int, default=8, help="frames of the world clips (the model's own)")
-    world.add_argument("--resolution", type=int, default=64, help="size of the world clips in pixels")
-    world.add_argument("--guidance-scale", type=float, default=7.5)
-    world.add_argument("--seed", type=int, default=0)
-    world.add_argument(
-        "--tasks",
-        default=None,
-        help="comma-separated, from generation,empty_subject,editing,editing_inverted (default: the first three)",
-    )
-    world.add_argument(
-        "--subject-input",
-        choices=("segmented", "whole"),
-        default="segmented",
-        help="generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)",
-    )
-    world.add_argument(
-        "--trajectory",
-        choices=("auto", "off"),
-        default="auto",
-        help="generation along the model's trajectory head (auto, default) or the paper's slot 0 only (off)",
-    )
-    world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
-    world.add_argument("--out", default=None, help="write the results as JSON here")
-    world.add_argument("--device", default="auto")
-    world.add_argument("--dtype", choices=DTYPES, default="float32")
-    world.add_argument("--scheduler", choices=SCHEDULERS, default="default")
-    world.set_defaults(func=cmd_evaluate_world)
-    _add_standard_parsers(targets)
+    _add_evaluate_parsers(evaluate.add_subparsers(dest="target", required=True))
 
     from .data.manifest import add_segment_dataset_parser
 
@@ -801,22 +576,17 @@ def build_parser() -> argparse.ArgumentParser:
     trajectory = commands.add_parser(
         "train-trajectory", help="train a pipeline's trajectory head (prompt -> the subject's path) from clip masks"
     )
-    trajectory.add_argument("--model", default=None, help="MagDiff pipeline folder (default: the packaged model)")
+    _add_model_arguments(trajectory, sampling=False)
     trajectory.add_argument("--data", default="world", help="'world' or a manifest (JSONL/CSV) with per-frame masks")
     trajectory.add_argument("--num-samples", type=int, default=8000, help="training clips (default 8000)")
     trajectory.add_argument("--held-out", type=int, default=200, help="clips scored at the end (default 200)")
     trajectory.add_argument("--num-frames", type=int, default=8, help="frames per clip (default 8)")
-    trajectory.add_argument(
-        "--made-up-subjects",
-        type=float,
-        default=1.0,
-        help="world only: add this fraction of the clips again with made-up subject words (default 1.0)",
-    )
+    made_up_help = "world only: add this fraction of the clips again with made-up subject words (default 1.0)"
+    trajectory.add_argument("--made-up-subjects", type=float, default=1.0, help=made_up_help)
     trajectory.add_argument("--steps", type=int, default=5000)
     trajectory.add_argument("--batch-size", type=int, default=64)
     trajectory.add_argument("--learning-rate", type=float, default=1e-3)
     trajectory.add_argument("--seed", type=int, default=0)
-    trajectory.add_argument("--device", default="auto")
     trajectory.add_argument("--out", required=True, help="pipeline folder to write (the input one + the head)")
     trajectory.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     trajectory.set_defaults(func=cmd_train_trajectory)

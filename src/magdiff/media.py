@@ -14,6 +14,7 @@ interrupted save never leaves a partial output file behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -40,10 +41,12 @@ __all__ = [
     "Subject",
     "VideoInfo",
     "check_output_path",
+    "check_text_output_path",
     "image_to_tensor",
     "load_image",
     "load_masks",
     "load_subject",
+    "load_trajectory",
     "load_video",
     "mask_to_tensor",
     "natural_sort_key",
@@ -305,6 +308,30 @@ def load_subject(
         source=source,
         original_size=original_size,
     )
+
+
+def load_trajectory(value: str) -> str | list[Any]:
+    """The subject's path as ``magdiff generate --trajectory`` takes it: ``"auto"`` and ``"off"`` are returned as
+    they are; inline JSON ``[[dx, dy], ...]`` (pixels per frame) or the path of a JSON file holding that list is
+    parsed (the pipeline checks its shape).
+
+    Raises:
+        MagDiffInputError: neither a mode, a JSON list nor an existing file; text that is not valid JSON.
+    """
+    if value in ("auto", "off"):
+        return value
+    text = value
+    if not value.lstrip().startswith("["):
+        path = Path(value)
+        if not path.is_file():
+            raise MagDiffInputError(
+                f"--trajectory {value!r} is neither 'auto', 'off', a JSON list [[dx, dy], ...] nor a JSON file."
+            )
+        text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MagDiffInputError(f"--trajectory is not valid JSON ({error}); give [[dx, dy], ...] in pixels.") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -603,6 +630,20 @@ def check_output_path(path: str | os.PathLike[str]) -> str:
         )
     _check_output_parent(p)
     return fmt
+
+
+def check_text_output_path(path: str | os.PathLike[str], option: str = "--out") -> None:
+    """Validate the path of a text output (JSON results) given as ``option``, before any expensive work.
+
+    Raises:
+        MagDiffInputError: a missing parent folder, or a path that is an existing folder.
+    """
+    out = Path(path).expanduser()
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise MagDiffInputError(f"the output folder {str(parent)!r} for {option} {str(out)!r} does not exist.")
+    if out.is_dir():
+        raise MagDiffInputError(f"{option} {str(out)!r} is an existing folder; give a file name.")
 
 
 def _check_output_parent(p: Path) -> None:

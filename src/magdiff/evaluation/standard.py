@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,10 +42,12 @@ from ..media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_image, load_masks, load
 from .metrics import (
     FVD_NUM_FRAMES,
     IS_SPLITS,
+    C3DClassifier,
     ClipEmbedder,
     DinoEmbedder,
     FeatureAccumulator,
     FeatureExtractor,
+    I3DFeatures,
     frame_consistency,
     frechet_video_distance,
     fvd_clip,
@@ -63,7 +65,9 @@ __all__ = [
     "Extractors",
     "VideoItem",
     "evaluate_videos",
+    "format_results",
     "list_videos",
+    "load_extractors",
     "read_davis",
     "read_dreambooth",
     "read_folder",
@@ -120,6 +124,60 @@ class Extractors:
     i3d: FeatureExtractor | None = None
     c3d: FeatureExtractor | None = None
     paths: dict[str, str] = field(default_factory=dict)
+
+
+_EXTRACTOR_FILES = {
+    "clip": "folder of a CLIP model",
+    "dino": "folder of a DINO ViT",
+    "i3d": "TorchScript file of the I3D network",
+    "c3d": "TorchScript file of the C3D network",
+}
+
+
+def load_extractors(
+    paths: Mapping[str, str | os.PathLike[str] | None],
+    *,
+    device: str | torch.device = "cpu",
+    c3d_outputs: Literal["probabilities", "logits"] = "probabilities",
+) -> Extractors:
+    """The extractors at local ``paths`` (``{"clip" | "dino" | "i3d" | "c3d": path or None}``); ``None`` leaves one
+    out. Every given path is checked before any model is loaded.
+
+    Raises:
+        MagDiffInputError: a path that does not exist (named by its option, ``--clip`` etc.) or does not load.
+    """
+    given = {kind: str(path) for kind, path in paths.items() if path is not None}
+    for kind, path in given.items():
+        if kind not in _EXTRACTOR_FILES:
+            raise MagDiffInputError(f"unknown extractor {kind!r}; choose from {sorted(_EXTRACTOR_FILES)}.")
+        if not Path(path).expanduser().exists():
+            raise MagDiffInputError(f"--{kind} {path!r} does not exist; give the local {_EXTRACTOR_FILES[kind]}.")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    extractors = Extractors(paths=given)
+    if "clip" in given:
+        extractors.clip = ClipEmbedder.from_pretrained(given["clip"], device=device)
+    if "dino" in given:
+        extractors.dino = DinoEmbedder.from_pretrained(given["dino"], device=device)
+    if "i3d" in given:
+        extractors.i3d = I3DFeatures.from_torchscript(given["i3d"], device=device)
+    if "c3d" in given:
+        extractors.c3d = C3DClassifier.from_torchscript(given["c3d"], device=device, outputs=c3d_outputs)
+    return extractors
+
+
+def format_results(results: Mapping[str, float], skipped: Mapping[str, str]) -> list[str]:
+    """The lines of a results table: one ``metric  value`` line per result (counts as integers), then one
+    ``metric  skipped: reason`` line per skipped metric."""
+    width = max(len(key) for key in [*results, *skipped])
+    lines = []
+    for key, value in results.items():
+        shown = str(int(value)) if key.startswith(("num_", "fvd_num_")) else f"{value:.4f}"
+        lines.append(f"{key:<{width}}  {shown}")
+    lines.extend(f"{metric:<{width}}  skipped: {reason}" for metric, reason in skipped.items())
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------

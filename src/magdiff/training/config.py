@@ -184,8 +184,16 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
     return config.validate()
 
 
-def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """Load a YAML or JSON config file. A ``preset: NAME`` key starts from that preset."""
+def load_config(
+    path: str | Path, base: TrainConfig | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Load a YAML or JSON config file, with ``overrides`` (``magdiff train --set``) on top of its keys. A
+    ``preset: NAME`` key starts from that preset, else ``base``, else the paper's recipe (:class:`TrainConfig`).
+
+    Raises:
+        MagDiffInputError: a missing or invalid file, an unknown key or value, or a config that would start a new
+            model from the paper's recipe without saying which parameters train (see below).
+    """
     path = Path(path)
     if not path.is_file():
         raise MagDiffInputError(f"Training config {path} does not exist.")
@@ -198,10 +206,25 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
         values = {}
     if not isinstance(values, dict):
         raise MagDiffInputError(f"Training config {path} must be a mapping of keys to values.")
+    values = {**values, **(overrides or {})}
     preset_name = values.pop("preset", None)
     if preset_name is not None:
         base = get_preset(preset_name)
-    return config_from_dict(values, base)
+    config = config_from_dict(values, base)
+    # No preset, no base and no model: the paper's recipe on a new model built from scratch, whose default
+    # selection (trainable "magdiff") freezes the ResNets, the time embedding and conv_out at their random
+    # initialisation, so the run would train for hours into a model that cannot denoise. We stop and ask rather
+    # than pick trainable "all" ourselves: the two fixes (a preset for a new model, or a model to fine-tune) lead
+    # to different recipes, and a config that silently trains something else than it says is worse than an error.
+    # Setting trainable explicitly is the user's decision and is taken as written.
+    if base is None and config.model is None and "trainable" not in values:
+        raise MagDiffInputError(
+            f"Training config {path} has no preset and no model: it would train a new model from scratch with the "
+            "paper's frozen selection (its random ResNets, time embedding and conv_out would never train). Add "
+            "`preset: world` (a new world model, every parameter trained), `model: DIR` (fine-tune a MagDiff "
+            "pipeline folder) or `trainable: all`."
+        )
+    return config
 
 
 # ---------------------------------------------------------------------- presets

@@ -8,11 +8,15 @@ encoded once, so a few thousand steps take a minute or two on a CPU.
 
     magdiff train-trajectory --model PIPELINE --data world --out PIPELINE_WITH_HEAD
     magdiff train-trajectory --model PIPELINE --data clips.jsonl --out PIPELINE_WITH_HEAD
+
+Its data (:func:`trajectory_training_data`): captions and mask-centroid paths of world clips (training seeds, and the
+evaluation seeds held out; some again with made-up subject words) or of a manifest's clips.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +29,18 @@ from ..errors import MagDiffInputError
 from ..models.trajectory import TrajectoryPredictor
 
 __all__ = [
+    "TrajectoryData",
+    "TrajectorySplits",
     "TrajectoryTrainingResult",
     "encode_captions",
     "evaluate_trajectory_head",
+    "manifest_trajectory_data",
     "path_direction",
     "random_subject_words",
     "subject_path",
     "train_trajectory_head",
+    "trajectory_training_data",
+    "world_trajectory_data",
 ]
 
 
@@ -73,6 +82,127 @@ def random_subject_words(generator: torch.Generator) -> str:
         length = int(torch.randint(2, 9, (), generator=generator))
         words.append("".join(letters[int(i)] for i in torch.randint(0, len(letters), (length,), generator=generator)))
     return " ".join(words)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrajectoryData:
+    """Captions and the paths of their clips' subjects: ``paths`` (N, F, 2) from :func:`subject_path`."""
+
+    captions: list[str]
+    paths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, part: slice) -> TrajectoryData:
+        return TrajectoryData(self.captions[part], self.paths[part])
+
+
+@dataclass
+class TrajectorySplits:
+    """What :func:`trajectory_training_data` returns: the training clips and the named held-out parts scored at the
+    end (a part may be empty)."""
+
+    train: TrajectoryData
+    held_out: dict[str, TrajectoryData]
+
+
+def _stacked(captions: list[str], paths: list[torch.Tensor], num_frames: int) -> TrajectoryData:
+    return TrajectoryData(captions, torch.stack(paths) if paths else torch.zeros(0, num_frames, 2))
+
+
+def world_trajectory_data(
+    count: int, *, seed_offset: int, num_frames: int = 8, made_up_fraction: float = 0.0
+) -> TrajectoryData:
+    """``count`` world clips (seeds ``seed_offset``, ``seed_offset + 1``, ...), then the first
+    ``round(made_up_fraction * count)`` of them again with made-up subject words (:func:`random_subject_words`,
+    drawn from a generator seeded by ``seed_offset``) and the same paths.
+
+    The world has few subject words; the made-up ones teach a head that they do not decide the path. Clips are 64
+    px: paths are fractions of the frame, so any size gives the same targets."""
+    from ..data.world import WorldConfig, caption_for, make_sample
+
+    if not 0.0 <= made_up_fraction <= 1.0:
+        raise MagDiffInputError(f"the made-up subject fraction must be in [0, 1], got {made_up_fraction}.")
+    world = WorldConfig(num_frames=num_frames)
+    captions: list[str] = []
+    paths: list[torch.Tensor] = []
+    metas = []
+    for i in range(count):
+        sample = make_sample(seed_offset + i, world)
+        captions.append(sample["caption"])
+        paths.append(subject_path(sample["masks"]))
+        metas.append(sample["meta"])
+    generator = torch.Generator().manual_seed(seed_offset)
+    for i in range(round(made_up_fraction * count)):
+        captions.append(caption_for({**metas[i], "subject_words": random_subject_words(generator)}))
+        paths.append(paths[i])
+    return _stacked(captions, paths, num_frames)
+
+
+def manifest_trajectory_data(
+    manifest: str | os.PathLike[str],
+    count: int,
+    *,
+    first: int = 0,
+    num_frames: int = 8,
+    size: tuple[int, int] = (64, 64),
+) -> TrajectoryData:
+    """Up to ``count`` clips of a manifest with per-frame masks (:class:`~magdiff.data.manifest.ManifestDataset`),
+    from entry ``first``, read at ``size``."""
+    from ..data.manifest import ManifestDataset
+
+    dataset = ManifestDataset(manifest, num_frames=num_frames, size=size)
+    captions: list[str] = []
+    paths: list[torch.Tensor] = []
+    for i in range(first, min(len(dataset), first + count)):
+        sample = dataset[i]
+        captions.append(sample["caption"])
+        paths.append(subject_path(sample["masks"]))
+    return _stacked(captions, paths, num_frames)
+
+
+def trajectory_training_data(
+    data: str,
+    *,
+    num_samples: int,
+    held_out: int,
+    num_frames: int = 8,
+    made_up_fraction: float = 1.0,
+    size: tuple[int, int] = (64, 64),
+) -> TrajectorySplits:
+    """The clips of ``magdiff train-trajectory --data``: ``"world"`` or a manifest path.
+
+    The world: ``num_samples`` clips from the training seeds and, held out, ``held_out`` clips from the evaluation
+    seeds (:data:`~magdiff.data.world.EVAL_SEED_OFFSET`); both get ``made_up_fraction`` of their clips again with
+    made-up subject words, and the held-out copies are their own part. A manifest has no held-out split: its first
+    ``num_samples`` clips train and the first ``held_out`` of those are scored.
+
+    Raises:
+        MagDiffInputError: no clip to train on (or what reading the manifest raises).
+    """
+    from ..data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
+
+    if data == "world":
+        train = world_trajectory_data(
+            num_samples, seed_offset=TRAIN_SEED_OFFSET, num_frames=num_frames, made_up_fraction=made_up_fraction
+        )
+        held = world_trajectory_data(
+            held_out, seed_offset=EVAL_SEED_OFFSET, num_frames=num_frames, made_up_fraction=made_up_fraction
+        )
+        parts = {
+            "world eval split": held[0:held_out],
+            "same, made-up subject words": held[held_out:],
+        }
+    else:
+        train = manifest_trajectory_data(data, num_samples, num_frames=num_frames, size=size)
+        parts = {"first training clips": train[0:held_out]}
+    if not len(train):
+        raise MagDiffInputError(f"No clips to train the trajectory head on in {data!r} (from clip 0).")
+    return TrajectorySplits(train=train, held_out=parts)
 
 
 @torch.no_grad()
