@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from magdiff.data.user_style import user_style_subjects
+from magdiff.data.user_style import USER_STYLE_PATTERNS, user_style_subjects
 from magdiff.data.world import WorldConfig
 from magdiff.errors import MagDiffInputError
 from magdiff.training import autoencoder as ae
@@ -262,6 +262,53 @@ def test_training_batches_mix_world_random_content_and_cutouts() -> None:
     following = data.batch()
     data.load_state(state)
     assert all(torch.equal(a, b) for a, b in zip(data.batch(), following))
+
+
+def test_crops_keep_the_whole_world_subject() -> None:
+    assert ae._crop_range(10, 25, 32, 64) == (0, 10)
+    assert ae._crop_range(40, 60, 32, 64) == (29, 32)
+    assert ae._crop_range(5, 50, 32, 64) == (12, 12)  # larger than the window: its middle
+    config = _tiny_config(batch_size=8, random_content_fraction=0.5, cutout_fraction=0.0, crop_size=32)
+    data = ae._TrainFrames(config, WorldConfig())
+    x, mask = data.batch()
+    assert tuple(x.shape) == (8, 3, 32, 32) and tuple(mask.shape) == (8, 1, 32, 32)
+    full = ae._TrainFrames(_tiny_config(batch_size=8, random_content_fraction=0.5, cutout_fraction=0.0), WorldConfig())
+    _, full_mask = full.batch()
+    assert torch.equal(mask[:4].sum(dim=(1, 2, 3)), full_mask[:4].sum(dim=(1, 2, 3)))  # world subjects whole
+    with pytest.raises(MagDiffInputError, match="crop_size"):
+        AutoencoderConfig(crop_size=30)
+
+
+def test_init_from_a_checkpoint_continues_the_step_count(tmp_path: Path) -> None:
+    config = _tiny_config(steps=2, eval_every=2, num_final_eval_frames=2, num_user_style_subjects=0)
+    train_autoencoder(config, tmp_path / "a", progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=2)
+    saved = load_file(str(tmp_path / "ck" / "step_000002" / "vae.safetensors"))
+    follow_up = _tiny_config(
+        steps=2, eval_every=2, num_final_eval_frames=2, num_user_style_subjects=0, crop_size=32, learning_rate=1e-9,
+        min_learning_rate=1e-9, init_from=str(tmp_path / "ck" / "step_000002"),
+    )  # fmt: skip
+    metrics = train_autoencoder(follow_up, tmp_path / "b", progress=False)
+    assert metrics["step"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "b" / ae.LOG_NAME).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 4]
+    after = load_file(str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(saved[k], after[k], atol=1e-5) for k in saved)  # started from the checkpoint's weights
+    with pytest.raises(MagDiffInputError, match="same architecture"):
+        train_autoencoder(
+            _tiny_config(latent_channels=8, init_from=str(tmp_path / "ck" / "step_000002")), tmp_path / "x"
+        )
+
+
+def test_evaluate_command_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    build_autoencoder(_tiny_config()).save_pretrained(tmp_path / "vae")
+    assert ae.main(["--evaluate", str(tmp_path / "vae"), "--final-eval-frames", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("psnr", "world_colour_error_median", "user_colour_error_mean", "user_cutout_pattern_r2_median"):
+        assert math.isfinite(report[key])
+    assert set(report["user_by_pattern"]) == set(USER_STYLE_PATTERNS)
+    assert report["latent_channels"] == 16
+    assert ae.main(["--evaluate", str(tmp_path / "missing")]) == 2
 
 
 def test_resume_continues_exactly_from_the_saved_step(tmp_path: Path) -> None:

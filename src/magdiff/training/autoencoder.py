@@ -57,6 +57,7 @@ __all__ = [
     "reconstruct",
     "subject_fidelity",
     "train_autoencoder",
+    "vae_report",
     "world_frames",
 ]
 
@@ -97,6 +98,10 @@ class AutoencoderConfig:
     cutout_fraction: float = 0.1
     """Probability that a training frame is replaced by its cut-out (black outside the subject mask), the images HFA
     encodes."""
+    crop_size: int | None = None
+    """Train on square crops of this side (a multiple of the downsampling factor) instead of whole frames: world
+    crops hold the whole subject where it fits, random-content crops are uniform. About (64 / crop)^2 times cheaper
+    per step; finish with some whole-frame steps so that the group norms see whole frames again."""
     learning_rate: float = 1e-3
     min_learning_rate: float = 5e-5
     """End of the cosine decay (reached at ``steps``)."""
@@ -117,8 +122,9 @@ class AutoencoderConfig:
     """Train under bf16 autocast (about 1.4x faster on CPU); evaluation and the saved weights stay float32."""
     seed: int = 0
     init_from: str | None = None
-    """Continue training the VAE saved in this folder (same architecture) instead of a fresh one. Its
-    ``training_log.jsonl``, if any, is carried over and the step count continues from its final step."""
+    """Continue training the VAE saved in this folder (same architecture) instead of a fresh one: a saved VAE (its
+    ``training_log.jsonl``, if any, is carried over and the step count continues from its final step) or a ``step_*``
+    checkpoint of another run (its weights and log; not its optimiser, so the recipe may change)."""
     eval_every: int = 500
     num_eval_frames: int = 128
     """Held-out frames of the periodic evaluations (the final evaluation uses ``num_final_eval_frames``)."""
@@ -165,6 +171,11 @@ class AutoencoderConfig:
         for name in ("random_content_fraction", "cutout_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise MagDiffInputError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.crop_size is not None and (self.crop_size < 1 or self.crop_size % self.downsampling_factor):
+            raise MagDiffInputError(
+                f"crop_size must be a positive multiple of the downsampling factor ({self.downsampling_factor}), got "
+                f"{self.crop_size}."
+            )
         if self.subject_loss_weight < 1.0:
             raise MagDiffInputError(f"subject_loss_weight must be >= 1, got {self.subject_loss_weight}.")
 
@@ -385,7 +396,35 @@ class _TrainFrames:
         x, mask = torch.stack(images), torch.stack(masks)
         cut = torch.from_numpy(self.rng.random(n) < self.config.cutout_fraction)
         x[cut] = torch.where(mask[cut] > 0.5, x[cut], torch.full_like(x[cut], -1.0))
+        if self.config.crop_size is not None and self.config.crop_size < self.world.size:
+            x, mask = self._crop(x, mask, world_frames=n - num_random)
         return x, mask
+
+    def _crop(self, x: torch.Tensor, mask: torch.Tensor, world_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop every frame to ``crop_size``; the first ``world_frames`` keep their whole subject when it fits."""
+        crop, size = int(self.config.crop_size or 0), x.shape[-1]
+        crops_x, crops_m = [], []
+        for i in range(x.shape[0]):
+            lo_y = lo_x = 0
+            hi_y = hi_x = size - crop
+            ys, xs = torch.nonzero(mask[i, 0] > 0.5, as_tuple=True)
+            if i < world_frames and len(ys):
+                lo_y, hi_y = _crop_range(int(ys.min()), int(ys.max()), crop, size)
+                lo_x, hi_x = _crop_range(int(xs.min()), int(xs.max()), crop, size)
+            top, left = (int(self.rng.integers(lo, hi + 1)) for lo, hi in ((lo_y, hi_y), (lo_x, hi_x)))
+            crops_x.append(x[i, :, top : top + crop, left : left + crop])
+            crops_m.append(mask[i, :, top : top + crop, left : left + crop])
+        return torch.stack(crops_x), torch.stack(crops_m)
+
+
+def _crop_range(first: int, last: int, crop: int, size: int) -> tuple[int, int]:
+    """Start positions of a ``crop`` window inside ``[0, size)`` that hold pixels ``first..last`` (the subject), or
+    its middle when the subject is larger than the window."""
+    lo, hi = max(0, last - crop + 1), min(first, size - crop)
+    if lo > hi:
+        middle = min(max((first + last + 1 - crop) // 2, 0), size - crop)
+        return middle, middle
+    return lo, hi
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -495,6 +534,38 @@ def evaluate_subjects(
     return summary
 
 
+def vae_report(vae: AutoencoderKL, num_frames: int = 256, world: WorldConfig | None = None) -> dict[str, Any]:
+    """Every figure of docs/vae.md for one VAE: :func:`evaluate_autoencoder` on ``num_frames`` held-out world frames,
+    :func:`evaluate_subjects` on the 64 user-style subjects on their flat backgrounds (``user_``) and cut out on black
+    as HFA encodes them (``user_cutout_``), the user-style medians per pattern, and the model's size."""
+    world = world or WorldConfig()
+    subjects = user_style_subjects(size=world.size)
+    cutouts = UserStyleSet(
+        torch.where(subjects.masks > 0.5, subjects.images, torch.full_like(subjects.images, -1.0)),
+        subjects.masks,
+        subjects.meta,
+    )
+    report: dict[str, Any] = evaluate_autoencoder(vae, num_frames, world=world)
+    report.update(evaluate_subjects(vae, subjects))
+    report.update(evaluate_subjects(vae, cutouts, prefix="user_cutout_"))
+    output, _ = reconstruct(vae, subjects.images)
+    figures = subject_fidelity(subjects.images, output, subjects.masks)
+    patterns = [m["pattern"] for m in subjects.meta]
+    by_pattern: dict[str, dict[str, float]] = {}
+    for pattern in dict.fromkeys(patterns):
+        chosen = torch.tensor([p == pattern for p in patterns])
+        by_pattern[pattern] = {
+            "colour_error": float(figures["colour_error"][chosen].median()),
+            "mask_psnr": float(figures["mask_psnr"][chosen].median()),
+            "pattern_r2": float(figures["pattern_r2"][chosen].median()),
+        }
+    report["user_by_pattern"] = by_pattern
+    report["num_parameters"] = sum(p.numel() for p in vae.parameters())
+    report["latent_channels"] = int(vae.config.latent_channels)
+    report["scaling_factor"] = float(vae.config.scaling_factor)
+    return report
+
+
 @torch.no_grad()
 def evaluate_autoencoder(
     vae: AutoencoderKL,
@@ -572,7 +643,12 @@ def _loss(
     mean, logvar = posterior.mean.float(), posterior.logvar.float()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()
     loss = l1 + config.l2_weight * l2 + config.edge_weight * edge + config.kl_weight * kl
-    return loss, {"l1": float(l1.detach()), "l2": float(l2.detach()), "edge": float(edge.detach()), "kl": float(kl.detach())}
+    return loss, {
+        "l1": float(l1.detach()),
+        "l2": float(l2.detach()),
+        "edge": float(edge.detach()),
+        "kl": float(kl.detach()),
+    }
 
 
 def _default_permissions(folder: Path) -> None:
@@ -746,16 +822,31 @@ def train_autoencoder(
     return metrics
 
 
-def _initial_model(config: AutoencoderConfig, world: WorldConfig) -> tuple[AutoencoderKL, list[dict[str, Any]]]:
-    """The model to start from (fresh, or ``config.init_from``) and the log records carried over from it."""
+def _initial_model(config: AutoencoderConfig, world: WorldConfig) -> tuple[AutoencoderKL, list[dict[str, Any]], int]:
+    """The model to start from (fresh, or ``config.init_from``: a saved VAE folder or a training checkpoint), the log
+    records carried over from it and the step count it had reached."""
     if config.init_from is None:
-        return build_autoencoder(config, sample_size=world.size), []
+        return build_autoencoder(config, sample_size=world.size), [], 0
     source = Path(config.init_from)
+    wanted = (config.block_out_channels, config.latent_channels, config.layers_per_block)
+    if (source / "state.json").is_file() and (source / "vae.safetensors").is_file():  # a checkpoint of this module
+        state = json.loads((source / "state.json").read_text())
+        saved = AutoencoderConfig.from_dict(state["config"])
+        found = (saved.block_out_channels, saved.latent_channels, saved.layers_per_block)
+        if found != wanted or saved.mid_block_add_attention != config.mid_block_add_attention:
+            raise MagDiffInputError(
+                f"init_from {source} has (block_out_channels, latent_channels, layers_per_block) = {found}, but the "
+                f"config asks for {wanted}; pass the same architecture."
+            )
+        vae = build_autoencoder(saved, sample_size=world.size)
+        vae.load_state_dict(load_file(str(source / "vae.safetensors")))
+        return vae, list(state["log"]), int(state["step_offset"]) + int(state["step"])
     if not (source / "config.json").is_file():
-        raise MagDiffInputError(f"init_from {source} is not a saved AutoencoderKL folder (no config.json).")
+        raise MagDiffInputError(
+            f"init_from {source} is neither a saved AutoencoderKL folder (config.json) nor a training checkpoint."
+        )
     vae = AutoencoderKL.from_pretrained(source)
     found = (tuple(vae.config.block_out_channels), vae.config.latent_channels, vae.config.layers_per_block)
-    wanted = (config.block_out_channels, config.latent_channels, config.layers_per_block)
     if found != wanted:
         raise MagDiffInputError(
             f"init_from {source} has (block_out_channels, latent_channels, layers_per_block) = {found}, but the "
@@ -767,7 +858,7 @@ def _initial_model(config: AutoencoderConfig, world: WorldConfig) -> tuple[Autoe
     if log.is_file():
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         history = [record for record in history if "step" in record]
-    return vae, history
+    return vae, history, int(history[-1]["step"]) if history else 0
 
 
 def _evaluate(vae: AutoencoderKL, config: AutoencoderConfig, world: WorldConfig, num_frames: int) -> dict[str, float]:
@@ -794,8 +885,7 @@ def _train(
     checkpointing: _Checkpointing,
 ) -> dict[str, Any]:
     torch.manual_seed(config.seed)
-    vae, history = _initial_model(config, world)
-    step_offset = int(history[-1]["step"]) if history else 0
+    vae, history, step_offset = _initial_model(config, world)
     vae.train()
     num_parameters = sum(p.numel() for p in vae.parameters())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -889,7 +979,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m magdiff.training.autoencoder --out DIR [...]``: train a world VAE and print its final metrics."""
     defaults = AutoencoderConfig()
     parser = argparse.ArgumentParser(prog="python -m magdiff.training.autoencoder", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (AutoencoderKL.save_pretrained layout)")
+    parser.add_argument("--out", help="output folder (AutoencoderKL.save_pretrained layout); required to train")
+    parser.add_argument("--evaluate", default=None, help="only measure the VAE saved in this folder (vae_report)")
     parser.add_argument("--log", default=None, help=f"JSONL log path (default: OUT/{LOG_NAME})")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--checkpoint-dir", default=None, help="write resumable step_* checkpoints into this folder")
@@ -907,6 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames-per-sample", type=int, default=defaults.frames_per_sample)
     parser.add_argument("--random-fraction", type=float, default=defaults.random_content_fraction)
     parser.add_argument("--cutout-fraction", type=float, default=defaults.cutout_fraction)
+    parser.add_argument("--crop-size", type=int, default=defaults.crop_size, help="train on crops of this side")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--min-lr", type=float, default=defaults.min_learning_rate)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
@@ -927,6 +1019,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.evaluate is not None:
+        if not (Path(args.evaluate) / "config.json").is_file():
+            print(f"error: {args.evaluate} is not a saved AutoencoderKL folder (no config.json).", file=sys.stderr)
+            return 2
+        vae = AutoencoderKL.from_pretrained(args.evaluate, use_safetensors=True).eval()
+        print(json.dumps(vae_report(vae, args.final_eval_frames), indent=2))
+        return 0
+    if args.out is None:
+        parser.error("--out is required to train (or give --evaluate FOLDER)")
     try:
         config = AutoencoderConfig(
             block_out_channels=args.channels,
@@ -940,6 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             frames_per_sample=args.frames_per_sample,
             random_content_fraction=args.random_fraction,
             cutout_fraction=args.cutout_fraction,
+            crop_size=args.crop_size,
             learning_rate=args.lr,
             min_learning_rate=args.min_lr,
             warmup_steps=args.warmup_steps,
