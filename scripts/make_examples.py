@@ -17,9 +17,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from magdiff.cli import resolve_model
 from magdiff.data.world import EVAL_SEED_OFFSET, caption_for, make_sample, subject_cutout
 from magdiff.evaluation.world_benchmark import edit_background
+from magdiff.loading import resolve_model
 from magdiff.media import save_video
 from magdiff.pipelines.pipeline_magdiff import MagDiffPipeline
 

@@ -233,7 +233,7 @@ def test_console_entry_point_runs(saved_tiny_model, tmp_path):
 
 
 def test_default_model_is_used_without_model_flag(tmp_path, capsys):
-    from magdiff.cli import packaged_default_model
+    from magdiff.loading import packaged_default_model
 
     assert (packaged_default_model() / "model_index.json").is_file()
     out = tmp_path / "default.gif"

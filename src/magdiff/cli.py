@@ -17,105 +17,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import MagDiffInputError
 from .evaluation.layouts import DAVIS_LAYOUT, DREAMBOOTH_LAYOUT, EXTRACTOR_HELP, FOLDER_LAYOUT
+from .loading import SCHEDULERS, load_pipeline, resolve_device, resolve_model
+
+if TYPE_CHECKING:
+    from .pipelines.pipeline_magdiff import MagDiffPipeline
+    from .segmentation import SubjectSegmenter
 
 DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm-solver++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-ancestral": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-}
-"""``--scheduler`` names -> diffusers scheduler classes (``default``: the model's own)."""
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MAGDIFF_HOME", Path.home() / ".cache" / "magdiff"))
-
-
-def packaged_default_model() -> Path:
-    """Where the trained default model ships inside the package."""
-    return Path(__file__).resolve().parent / "assets" / "default_model"
-
-
-def resolve_model(model: str | None) -> str:
-    """The model folder to load: ``--model``, else the packaged default model, else a tiny untrained model built
-    and saved once under the cache folder (``$MAGDIFF_HOME``, default ``~/.cache/magdiff``)."""
-    if model is not None:
-        if not Path(model).is_dir() or not (Path(model) / "model_index.json").is_file():
-            raise MagDiffInputError(
-                f"--model {model} is not a MagDiff pipeline folder (no model_index.json); "
-                f"give a folder written by `magdiff assemble`, `magdiff train` or "
-                f"MagDiffPipeline.save_pretrained."
-            )
-        return model
-    packaged = packaged_default_model()
-    if (packaged / "model_index.json").is_file():
-        return str(packaged)
-    fallback = default_cache_dir() / "untrained-tiny"
-    if not (fallback / "model_index.json").is_file():
-        from .pipelines.assembly import save_pipeline_atomically
-        from .tiny import tiny_magdiff_pipeline
-
-        print(
-            f"note: no trained default model is installed; building an untrained tiny model at {fallback} "
-            f"(its videos are noise; pass --model for a real one)",
-            file=sys.stderr,
-        )
-        save_pipeline_atomically(tiny_magdiff_pipeline(), fallback)
-    return str(fallback)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def load_pipeline(
-    model: str | None, *, device: str = "auto", dtype: str = "float32", scheduler: str = "default", **components: Any
-):  # -> MagDiffPipeline
-    """The pipeline of ``--model`` (see :func:`resolve_model`) on ``device``, sampling with ``scheduler`` (a
-    :data:`SCHEDULERS` name or ``"default"``); ``components`` replace saved ones (``trajectory=None``: no head)."""
-    import diffusers
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from .pipelines.pipeline_magdiff import MagDiffPipeline
-
-    # Quiet loading: one progress bar (the denoising loop) and one summary line is what the user reads.
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    folder = resolve_model(model)
-    pipeline = MagDiffPipeline.from_pretrained(folder, dtype=getattr(torch, dtype), use_safetensors=True, **components)
-    pipeline.to(_device(device))
-    pipeline.set_progress_bar_config(disable=False, desc="denoising", leave=True)
-    if scheduler != "default":
-        pipeline.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipeline.scheduler.config)
-    return pipeline
-
-
-def _load_sampling_pipeline(args: argparse.Namespace):  # -> MagDiffPipeline
+def _load_sampling_pipeline(args: argparse.Namespace) -> MagDiffPipeline:
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler)
 
 
-def _segmenter(name: str | None):
+def _segmenter(name: str | None) -> SubjectSegmenter | None:
     if name is None:
         return None
     from .segmentation import get_segmenter
@@ -123,7 +45,7 @@ def _segmenter(name: str | None):
     return get_segmenter(name)
 
 
-def _size(args: argparse.Namespace, pipeline) -> tuple[int, int]:
+def _size(args: argparse.Namespace, pipeline: MagDiffPipeline) -> tuple[int, int]:
     default_height, default_width = pipeline.default_size
     return args.height or default_height, args.width or default_width
 
@@ -137,7 +59,9 @@ def _write_json(path: str | os.PathLike[str], record: dict[str, Any], indent: in
 # ---------------------------------------------------------------------------------------------------- generate, edit
 
 
-def _run_and_save(pipeline, args: argparse.Namespace, fmt: str, size: tuple[int, int], **inputs: Any) -> None:
+def _run_and_save(
+    pipeline: MagDiffPipeline, args: argparse.Namespace, fmt: str, size: tuple[int, int], **inputs: Any
+) -> None:
     import torch
 
     from .media import save_video
@@ -303,6 +227,7 @@ def cmd_train_trajectory(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_world(args: argparse.Namespace) -> None:
+    from .evaluation.standard import format_results
     from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
 
     pipeline = _load_sampling_pipeline(args)
@@ -323,9 +248,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         subject_input=args.subject_input,
         trajectory=args.trajectory,
     )
-    width = max(len(key) for key in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4f}")
+    print("\n".join(format_results(results, {})))
     if args.out:
         settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory")
         record = {key: getattr(args, key) for key in settings}
@@ -340,7 +263,7 @@ def _score_videos(args: argparse.Namespace, benchmark: str, inputs: dict, kinds:
 
     paths = {kind: getattr(args, kind) for kind in kinds}
     outputs = "logits" if getattr(args, "c3d_logits", False) else "probabilities"
-    extractors = load_extractors(paths, device=_device(args.device), c3d_outputs=outputs)
+    extractors = load_extractors(paths, device=resolve_device(args.device), c3d_outputs=outputs)
     skipped: dict[str, str] = {}
     per_video: list[dict] = []
     results = evaluate_videos(
