@@ -1,0 +1,185 @@
+"""The world CLIP (magdiff.training.world_clip): views, objective, checkpoints, export, and the packaged towers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from magdiff.data.world import EVAL_SEED_OFFSET, make_sample
+from magdiff.errors import MagDiffInputError
+from magdiff.tokenization import load_world_tokenizer
+from magdiff.training import world_clip
+from magdiff.training.world_clip import (
+    ATTRIBUTES,
+    WorldClipConfig,
+    clip_pixels,
+    evaluate_retrieval,
+    export_towers,
+    scene_view,
+    train_world_clip,
+)
+from magdiff.world_model import WORLD_CLIP_DIR, world_image_encoder, world_text_encoder
+
+TINY = {
+    "text_dim": 16,
+    "text_layers": 1,
+    "image_dim": 16,
+    "image_layers": 1,
+    "heads": 2,
+    "projection_dim": 8,
+    "batch_size": 6,
+    "steps": 3,
+    "warmup_steps": 1,
+    "eval_clips": 3,
+    "checkpoint_minutes": 0.0,
+    "eval_minutes": 1000.0,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_world_tokenizer()
+
+
+def test_scene_view_puts_first_and_last_frame_side_by_side() -> None:
+    sample = make_sample(3, motion="right")
+    view = scene_view(sample["frames"])
+    assert view.shape == (3, 64, 64)
+    torch.testing.assert_close(view[:, :, :32], F.avg_pool2d(sample["frames"][0][None], (1, 2))[0])
+    torch.testing.assert_close(view[:, :, 32:], F.avg_pool2d(sample["frames"][-1][None], (1, 2))[0])
+    pixels = clip_pixels(torch.full((1, 3, 4, 4), -1.0))
+    assert torch.allclose(pixels[0, :, 0, 0], -torch.tensor(world_clip.CLIP_MEAN) / torch.tensor(world_clip.CLIP_STD))
+
+
+def test_consistency_treats_unnamed_attributes_as_true() -> None:
+    clips = [
+        {"motion": "left", "background": "red", "colour": "blue", "shape": "star", "texture": "solid"},
+        {"motion": "up", "background": "red", "colour": "green", "shape": "star", "texture": "dotted"},
+    ]
+    captions = [
+        {"motion": "left", "background": "red"},
+        {"motion": "left", "background": "red", "colour": "blue"},
+        {"motion": "up", "background": "red", "shape": "star"},
+        {"colour": "green"},
+    ]
+    both = world_clip._consistency(captions, clips, ATTRIBUTES)
+    assert both.tolist() == [[True, False], [True, False], [False, True], [False, True]]
+    subject = world_clip._consistency(captions, clips, ("colour", "shape", "texture"))
+    assert subject.tolist() == [[True, True], [True, False], [True, True], [False, True]]
+
+
+def test_multi_positive_nce_matches_its_formula() -> None:
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]])
+    positives = torch.tensor([[True, False, True], [False, False, False], [False, True, False]])
+    p0 = (math.exp(2) + math.exp(1)) / (math.exp(2) + 1 + math.exp(1))
+    p2 = math.exp(3) / (math.exp(1) + math.exp(3) + 1)
+    expected = -(math.log(p0) + math.log(p2)) / 2  # the row without positives is left out
+    assert float(world_clip._multi_positive_nce(logits, positives)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_batches_are_a_function_of_seed_and_step_with_true_labels() -> None:
+    config = WorldClipConfig(
+        batch_size=8, hard_negatives=5, made_up_word_probability=0.5, unrelated_word_probability=0.25
+    )
+    a, b = world_clip._training_batch(config, 5), world_clip._training_batch(config, 5)
+    assert a["captions"] == b["captions"] and torch.equal(a["subject_views"], b["subject_views"])
+    assert a["captions"] != world_clip._training_batch(config, 6)["captions"]
+    assert len(a["captions"]) == 8 * 7  # own caption + full description + one changed per attribute
+    for caption, labels in zip(a["captions"], a["caption_labels"]):
+        assert labels["motion"] in caption or labels["motion"] == "still"
+        assert labels["background"] in caption.split()[-3:]  # named in the background phrase
+    for index, labels in enumerate(a["clip_labels"]):
+        full = a["caption_labels"][8 + 6 * index]
+        changed = a["caption_labels"][8 + 6 * index + 1 : 8 + 6 * index + 6]
+        assert full == labels
+        assert [sum(labels[k] != c[k] for k in ATTRIBUTES) for c in changed] == [1] * 5
+    assert any(set(labels) == {"motion", "background"} for labels in a["caption_labels"][:8])
+    assert ((a["subject_views"] == -1).float().mean()) > 0.8  # cut-outs: black outside the subject
+
+
+def test_config_rejects_unknown_keys() -> None:
+    with pytest.raises(MagDiffInputError, match="Unknown world-CLIP config keys"):
+        WorldClipConfig.from_dict({"stepz": 3})
+    with pytest.raises(MagDiffInputError):
+        WorldClipConfig(batch_size=1)
+
+
+def test_tiny_run_checkpoints_resumes_exports_and_loads_into_the_world_model(tmp_path, tokenizer) -> None:
+    torch.manual_seed(0)
+    config = WorldClipConfig.from_dict(TINY)
+    run = tmp_path / "run"
+    model = train_world_clip(config, run)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-2]["step"] == 3 and math.isfinite(log[-2]["loss"])
+    assert set(log[-1]["eval"]) >= {"canonical/i2t/motion", "canonical/t2i/shape", "made_up/i2t/background"}
+    checkpoints = sorted(p.name for p in run.iterdir() if p.name.startswith("step_"))
+    assert checkpoints == ["step_000002", "step_000003"]  # every step here; the newest two kept
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    resumed = train_world_clip(WorldClipConfig.from_dict({**TINY, "steps": 4}), run, resume="latest")
+    assert json.loads((run / "step_000004" / "state.json").read_text())["step"] == 4
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_")) == ["step_000003", "step_000004"]
+    with pytest.raises(MagDiffInputError):
+        train_world_clip(config, tmp_path / "empty", resume="latest")
+
+    # Resuming at step 3 again gives exactly the model of the first run (same batches, same optimiser state).
+    (run / "step_000004").rename(tmp_path / "later")
+    again = train_world_clip(config, run, resume="latest")
+    for (name, value), (_, other) in zip(model.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(value, other, msg=name)
+
+    out = export_towers(resumed, tokenizer, tmp_path / "clip", {"held_out": {"x": 1.0}})
+    assert json.loads((out / "world_clip.json").read_text())["held_out"] == {"x": 1.0}
+    text = world_text_encoder(len(tokenizer), path=out)
+    image = world_image_encoder(path=out)
+    ids = tokenizer(["a red star moving left on a blue background"], padding="max_length", return_tensors="pt")
+    with torch.no_grad():
+        hidden = text(ids.input_ids).last_hidden_state
+        reference = resumed.text(input_ids=ids.input_ids).last_hidden_state
+        torch.testing.assert_close(hidden, reference)
+        assert hidden.shape == (1, 77, 16)
+        pixels = clip_pixels(make_sample(1)["subject_slots"][:1])
+        torch.testing.assert_close(image(pixels).image_embeds, resumed.vision(pixel_values=pixels).image_embeds)
+    with pytest.raises(MagDiffInputError, match="token embeddings"):
+        world_text_encoder(100, path=out)
+    with pytest.raises(FileNotFoundError):
+        world_image_encoder(path=tmp_path / "nothing")
+
+
+def test_retrieval_figures_are_fractions_for_every_attribute(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = world_clip.build_model(WorldClipConfig.from_dict(TINY), tokenizer)
+    figures = evaluate_retrieval(model, tokenizer, num_clips=2)
+    for name in ATTRIBUTES:
+        assert 0.0 <= figures[f"canonical/i2t/{name}"] <= 1.0
+        assert f"paraphrase/i2t/{name}" in figures
+    assert {key for key in figures if key.startswith("made_up/")} == {
+        f"made_up/{d}/{n}" for d in ("i2t", "t2i") for n in ("motion", "background")
+    }
+
+
+@pytest.mark.skipif(not (WORLD_CLIP_DIR / "text_encoder").is_dir(), reason="no packaged world CLIP")
+def test_packaged_towers_are_small_clip_towers_that_retrieve_every_attribute(tokenizer) -> None:
+    from magdiff.world_model import IMAGE_DIM, TEXT_DIM
+
+    for name in ("text_encoder", "image_encoder"):
+        assert (WORLD_CLIP_DIR / name / "model.safetensors").stat().st_size < 5 * 2**20
+    text, image = world_text_encoder(len(tokenizer)), world_image_encoder()
+    assert text.config.max_position_embeddings == tokenizer.model_max_length == 77
+    assert text.config.hidden_size == TEXT_DIM and image.config.hidden_size == IMAGE_DIM
+    assert text.config.eos_token_id == tokenizer.eos_token_id
+    record = json.loads((WORLD_CLIP_DIR / "world_clip.json").read_text())
+    model = world_clip.build_model(WorldClipConfig.from_dict(record["config"]), tokenizer)
+    model.text.load_state_dict(
+        world_clip.load_file(str(WORLD_CLIP_DIR / "text_encoder" / "model.safetensors")), strict=True
+    )
+    model.vision.load_state_dict(image.state_dict(), strict=True)
+    model.logit_scale.data.fill_(math.log(record["logit_scale"]))
+    figures = evaluate_retrieval(model, tokenizer, num_clips=12, first=500)  # held-out clips past the run's own
+    weak = {key: value for key, value in figures.items() if value < 0.75}
+    assert weak == {}
+    assert EVAL_SEED_OFFSET > 0
