@@ -7,8 +7,9 @@ words ("a", "on", "background") and the end/padding tokens. "share" is the atten
 is the attention probability times the norm of the token's value vector, as a share of the layer's total, which
 is what a token adds to the layer's output.
 
-    python scripts/attention_probe.py                     # the packaged default model, t = 999
-    python scripts/attention_probe.py --model runs/x/model --t 700 --clips 32
+    python scripts/probes/attention_probe.py                     # the packaged default model, t = 999
+    python scripts/probes/attention_probe.py --model runs/x/model --t 700 --clips 32
+    python scripts/probes/attention_probe.py --model BASE --checkpoint runs/x/checkpoints/step_000500 --ema
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import argparse
 from collections import defaultdict
 
 import torch
+from common import add_model_arguments, clean_latents, encode_captions, load_probed_pipeline, world_clips
 
-from magdiff.data.world import EVAL_SEED_OFFSET, WorldConfig, WorldDataset
-from magdiff.pipelines import MagDiffPipeline
-from magdiff.world_model import ASSETS
+from magdiff.models.unet import is_spatial_cross_attention
 
 PARTS = ("start", "subject", "motion", "colour", "other words", "end/padding")
 
@@ -53,21 +53,20 @@ def caption_parts(tokens: list[str], meta: dict) -> list[str]:
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ASSETS / "default_model"))
+    add_model_arguments(parser)
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--t", type=int, default=999, help="the timestep")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    pipeline = MagDiffPipeline.from_pretrained(args.model, use_safetensors=True)
-    dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig())
-    samples = [dataset[i] for i in range(args.clips)]
-    clean = torch.stack([pipeline._vae_mean_latents(s["frames"]).permute(1, 0, 2, 3) for s in samples])
-    captions = [s["caption"] for s in samples]
+    pipeline = load_probed_pipeline(args.model, args.checkpoint, args.ema)
+    clips = world_clips(pipeline, args.clips)
+    clean = clean_latents(pipeline, clips)  # (b, c, F, h, w)
+    captions = [clip["caption"] for clip in clips]
     tokenizer = pipeline.tokenizer
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    parts = [caption_parts(tokenizer.convert_ids_to_tokens(row), s["meta"]) for row, s in zip(ids, samples)]
-    text = pipeline.encode_prompt(captions, pipeline.device)
+    parts = [caption_parts(tokenizer.convert_ids_to_tokens(row), clip["meta"]) for row, clip in zip(ids, clips)]
+    text = encode_captions(pipeline, captions)
 
     recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -87,11 +86,11 @@ def main() -> None:
         return hook
 
     for name, module in pipeline.unet.named_modules():
-        if name.endswith("attn2") and ".attentions." in name:  # spatial cross-attention (not the motion modules)
+        if is_spatial_cross_attention(name, module):  # not the motion modules' attention
             module.register_forward_hook(record(name), with_kwargs=True)
     timesteps = torch.full((args.clips,), args.t)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(args.seed))
-    pipeline.unet(pipeline.scheduler.add_noise(clean, noise, timesteps), timesteps, encoder_hidden_states=text)
+    pipeline.unet(pipeline.scheduler.add_noise(clean, noise, timesteps), timesteps, text)
 
     num_frames = clean.shape[2]
     print(f"{args.model}: {args.clips} held-out clips, t = {args.t}, no subject; attention share / value-weighted")
@@ -102,10 +101,10 @@ def main() -> None:
         weighted = weighted / weighted.sum(dim=1, keepdim=True)
         share: dict[str, float] = defaultdict(float)
         value_share: dict[str, float] = defaultdict(float)
-        for clip, clip_parts in enumerate(parts):
+        for clip_index, clip_parts in enumerate(parts):
             for position, part in enumerate(clip_parts):
-                share[part] += probabilities[clip, position].item() / args.clips
-                value_share[part] += weighted[clip, position].item() / args.clips
+                share[part] += probabilities[clip_index, position].item() / args.clips
+                value_share[part] += weighted[clip_index, position].item() / args.clips
         cells = "".join(f"{share[p]:>11.3f} / {value_share[p]:.3f}" for p in PARTS)
         print(f"{name.removesuffix('.transformer_blocks.0.attn2'):<44}{cells}")
 

@@ -5,23 +5,29 @@ Per held-out clip, five rows of eight frames: the clip itself, then the predicti
 and "down" in its caption. A model that reads the motion word draws the subject's path in that direction; one that
 does not draws the same picture for all four.
 
-    python scripts/motion_probe.py --out motion_probe.png [--model DIR] [--checkpoint DIR --ema]
+    python scripts/probes/motion_probe.py --out motion_probe.png [--model DIR] [--checkpoint DIR --ema]
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import (
+    add_model_arguments,
+    clean_latents,
+    encode_captions,
+    first_frame_subject,
+    load_probed_pipeline,
+    predicted_clean,
+    world_clips,
+)
 from PIL import Image
-from text_probe import load_training_weights
 
-from magdiff.data.world import EVAL_SEED_OFFSET, WorldConfig, WorldDataset, caption_for
-from magdiff.pipelines import MagDiffPipeline
-from magdiff.sda import cut_out, empty_slots
-from magdiff.world_model import ASSETS
+from magdiff.data.world import caption_for
+
+T = 999
 
 
 def _strip(video: torch.Tensor) -> np.ndarray:
@@ -33,41 +39,27 @@ def _strip(video: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ASSETS / "default_model"))
-    parser.add_argument("--checkpoint", default=None, help="a training checkpoint folder to load into --model")
-    parser.add_argument("--ema", action="store_true", help="with --checkpoint: its EMA weights")
+    add_model_arguments(parser)
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--scale", type=int, default=2, help="upscale factor of the picture")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    pipeline = MagDiffPipeline.from_pretrained(args.model, use_safetensors=True)
-    if args.checkpoint is not None:
-        load_training_weights(pipeline, Path(args.checkpoint), args.ema)
-    dataset = WorldDataset(args.clips, seed_offset=EVAL_SEED_OFFSET, config=WorldConfig(num_frames=8))
-    scheduler, t = pipeline.scheduler, torch.tensor([999])
-    alpha = scheduler.alphas_cumprod[999]
+    pipeline = load_probed_pipeline(args.model, args.checkpoint, args.ema)
+    scheduler, timestep = pipeline.scheduler, torch.tensor([T])
     rows = []
-    for index in range(args.clips):
-        sample = dataset[index]
-        frames = sample["frames"]
-        num_frames, size = frames.shape[0], tuple(frames.shape[-2:])
-        clean = pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3)[None]
-        slots = empty_slots(num_frames, *size)
-        slots[0] = cut_out(frames[0], sample["masks"][0])
-        filled = torch.zeros(num_frames, dtype=torch.bool)
-        filled[0] = True
-        embeds, pyramid = pipeline.encode_subject_slots(slots, filled, size)
+    for index, clip in enumerate(world_clips(pipeline, args.clips)):
+        clean = clean_latents(pipeline, [clip])  # (1, c, F, h, w)
+        subject = first_frame_subject(pipeline, [clip])
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(index))
-        noisy = scheduler.add_noise(clean, noise, t)
-        rows.append(_strip(frames))
+        noisy = scheduler.add_noise(clean, noise, timestep)
+        rows.append(_strip(clip["frames"]))
         for motion in ("left", "right", "up", "down"):
-            text = pipeline.encode_prompt([caption_for(sample["meta"], motion=motion)], pipeline.device)
-            v = pipeline.unet(noisy, t, encoder_hidden_states=text, subject_embeds=embeds, subject_latents=pyramid)
-            x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * v.sample  # v-prediction -> clean latents
-            decoded = pipeline.vae.decode(x0[0].permute(1, 0, 2, 3) / pipeline.vae.config.scaling_factor).sample
-            rows.append(_strip(decoded))
-        print(f"clip {index}: {sample['caption']}")
+            text = encode_captions(pipeline, [caption_for(clip["meta"], motion=motion)])
+            prediction = pipeline.unet(noisy, timestep, text, subject=subject).sample
+            decoded = pipeline.decode_latents(predicted_clean(scheduler, noisy, prediction, T))  # (1, 3, F, H, W)
+            rows.append(_strip(decoded[0].permute(1, 0, 2, 3)))
+        print(f"clip {index}: {clip['caption']}")
     picture = Image.fromarray(np.concatenate(rows, axis=0))
     picture.resize((picture.width * args.scale, picture.height * args.scale), Image.NEAREST).save(args.out)
     print(f"wrote {args.out}")
