@@ -46,7 +46,7 @@ def main() -> None:
         # The clip drawn with the asked motion: its first frame leaves the subject room to move that way.
         sample = make_sample(EVAL_SEED_OFFSET + index, motion=motion)
         image, mask = subject_cutout(sample["frames"], sample["masks"])
-        prompt = caption_for(sample["meta"], background=background)
+        prompt = caption_for(sample["meta"], background=background, canonical=True)  # the phrasing it was trained on
         video = (
             pipeline(
                 prompt,
@@ -72,7 +72,7 @@ def main() -> None:
     for index in EDITING:
         sample = make_sample(EVAL_SEED_OFFSET + index)
         target = edit_background(sample["meta"], index)
-        prompt = caption_for(sample["meta"], background=target)
+        prompt = caption_for(sample["meta"], background=target, canonical=True)
         video = (
             pipeline(
                 prompt,
