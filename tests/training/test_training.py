@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from magdiff import MagDiffInputError, MagDiffPipeline
 from magdiff.sda import draw_slot_filling
 from magdiff.training.checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors
 from magdiff.training.config import TrainConfig, config_from_dict, get_preset, load_config
-from magdiff.training.trainer import min_snr_weights, train, training_dataset
+from magdiff.training.trainer import build_pipeline, min_snr_weights, train, training_dataset
 
 FAST = {"num_train_samples": 4, "batch_size": 1, "unet_channels": (16, 32), "num_frames": 4}
 
@@ -25,11 +25,6 @@ FAST = {"num_train_samples": 4, "batch_size": 1, "unet_channels": (16, 32), "num
 def _config(tmp_path, name, **overrides):
     values = {**FAST, "output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), **overrides}
     return config_from_dict(values, get_preset("world-tiny"))
-
-
-@pytest.fixture(scope="module")
-def module_tmp(tmp_path_factory):
-    return tmp_path_factory.mktemp("training")
 
 
 def test_config_files_and_errors(tmp_path):
@@ -88,26 +83,76 @@ def test_optimizer_state_round_trips_through_safetensors():
         assert torch.equal(fresh.state_dict()["state"][0][key], value)
 
 
-def test_resume_is_exact(module_tmp):
-    straight = train(_config(module_tmp, "straight", max_steps=4, checkpoint_every=2, ema_decay=0.9), progress=False)
-    halves = _config(module_tmp, "halves", max_steps=2, checkpoint_every=2, ema_decay=0.9)
+def _unet_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+RESUME = {"max_steps": 4, "checkpoint_every": 2, "ema_decay": 0.9, "warmup_steps": 4}  # resumes inside the warm-up
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    """Four steps straight; two steps, then resumed to four; the same resume from a tampered checkpoint. Read-only:
+    tests must not change these folders."""
+    root = tmp_path_factory.mktemp("resume")
+    straight = train(_config(root, "straight", **RESUME), progress=False)
+    halves = _config(root, "halves", **{**RESUME, "max_steps": 2})
     train(halves, progress=False)
     resumed = train(config_from_dict({"max_steps": 4}, halves), resume="latest", progress=False)
-    first = load_file(str(straight / "unet" / "diffusion_pytorch_model.safetensors"))
-    second = load_file(str(resumed / "unet" / "diffusion_pytorch_model.safetensors"))
+    # The same checkpoint with its weights moved: a run that really continues from it cannot end where the
+    # straight run ends.
+    shutil.copytree(root / "halves" / "checkpoints" / "step_000002", root / "tampered" / "checkpoints" / "step_000002")
+    weights_file = root / "tampered" / "checkpoints" / "step_000002" / "unet.safetensors"
+    weights = load_file(str(weights_file))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, str(weights_file))
+    tampered = train(
+        config_from_dict({"max_steps": 4, "output_dir": str(root / "tampered")}, halves),
+        resume="latest",
+        progress=False,
+    )
+    return {"root": root, "straight": straight, "resumed": resumed, "tampered": tampered}
+
+
+def test_resume_is_exact(resumed_runs):
+    root, straight, resumed = resumed_runs["root"], resumed_runs["straight"], resumed_runs["resumed"]
+    first, second = _unet_weights(straight), _unet_weights(resumed)
     assert first.keys() == second.keys()
     for key in first:
-        assert torch.equal(first[key], second[key]), key
-    raw_first = load_file(str(module_tmp / "straight" / "checkpoints" / "step_000004" / "unet.safetensors"))
-    raw_second = load_file(str(module_tmp / "halves" / "checkpoints" / "step_000004" / "unet.safetensors"))
+        assert torch.equal(first[key], second[key]), key  # the exported (EMA) weights
+    raw_first = load_file(str(root / "straight" / "checkpoints" / "step_000004" / "unet.safetensors"))
+    raw_second = load_file(str(root / "halves" / "checkpoints" / "step_000004" / "unet.safetensors"))
     assert all(torch.equal(raw_first[k], raw_second[k]) for k in raw_first)
-    # Training changed the weights, and the log recorded every step.
-    log = [json.loads(line) for line in (module_tmp / "straight" / "train_log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log if "step" in row] == [1, 2, 3, 4]
+    # The resumed run continued at step 3: its log holds each step once (a run that started over logs 1, 2 again).
+    assert [row["step"] for row in _log(root / "straight") if "step" in row] == [1, 2, 3, 4]
+    assert [row["step"] for row in _log(root / "halves") if "step" in row] == [1, 2, 3, 4]
+    # Training moved the weights, from the initial ones and over the resumed steps (raw and EMA), so the equalities
+    # above say something.
+    torch.manual_seed(0)  # as train() builds its model
+    initial = build_pipeline(_config(root, "initial", **RESUME)).unet.state_dict()
+    at_two = load_file(str(root / "halves" / "checkpoints" / "step_000002" / "unet.safetensors"))
+    at_two = {key.removeprefix("unet."): value for key, value in at_two.items()}  # the checkpoint's TrainedModel
+    raw_first = {key.removeprefix("unet."): value for key, value in raw_first.items()}
+    floats = [key for key in first if first[key].is_floating_point()]
+    for before in (initial, at_two):
+        assert sum(not torch.equal(raw_first[k], before[k]) for k in floats) > 0.9 * len(floats)
+        assert sum(not torch.equal(first[k], before[k]) for k in floats) > 0.9 * len(floats)
 
 
-def test_checkpoints_are_pruned_and_pickle_free(module_tmp):
-    run = module_tmp / "straight"
+def test_resume_continues_from_the_checkpoint_it_finds(resumed_runs):
+    straight, tampered = _unet_weights(resumed_runs["straight"]), _unet_weights(resumed_runs["tampered"])
+    changed = [
+        key for key in straight if straight[key].is_floating_point() and not torch.equal(straight[key], tampered[key])
+    ]
+    assert len(changed) > 0.9 * len(straight)  # the moved checkpoint is what training continued from
+    assert [row["step"] for row in _log(resumed_runs["root"] / "tampered") if "step" in row] == [3, 4]
+
+
+def test_checkpoints_are_pruned_and_pickle_free(resumed_runs):
+    run = resumed_runs["root"] / "straight"
     checkpoints = list_checkpoints(run / "checkpoints")
     assert [p.name for p in checkpoints] == ["step_000002", "step_000004"]  # keep_checkpoints=2
     files = sorted(p.name for p in checkpoints[-1].iterdir())
@@ -122,45 +167,76 @@ def test_resume_errors(tmp_path):
         train(_config(tmp_path, "empty", max_steps=1), resume="latest", progress=False)
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-    reason="torchrun not installed",
-)
-def test_two_processes_end_with_identical_weights(tmp_path):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    output = tmp_path / "ddp"
-    command = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "magdiff.cli",
-        "train",
-        "--preset",
-        "world-tiny",
-        "--output-dir",
-        str(output),
-        "--no-progress",
-        "--set",
-        "max_steps=2",
-        "--set",
-        "num_train_samples=4",
-        "--set",
-        "batch_size=1",
-        "--set",
-        "unet_channels=[16, 32]",
-        "--set",
-        f"cache_dir={tmp_path / 'cache'}",
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def test_each_process_trains_on_its_rows_of_the_global_batch():
+    from magdiff.training.cache import EncodedClips
+    from magdiff.training.trainer import make_batch, step_generator
+
+    clips = EncodedClips(
+        latents=torch.randn(16, 4, 2, 4, 4),
+        text=torch.randn(16, 3, 8),
+        slot_embeds=torch.randn(16, 2, 5, 8),
+        slot_pyramid=[torch.randn(16, 2, 4, 4, 4)],
+        empty_text=torch.zeros(3, 8),
+        empty_embeds=torch.zeros(5, 8),
+        empty_pyramid=[torch.zeros(4, 4, 4)],
+        fingerprint="test",
+    )
+    config = TrainConfig(batch_size=3, text_dropout=0.5)
+    whole = make_batch(clips, dataclasses.replace(config, batch_size=6), step_generator(0, 7), 1000)
+    ranks = [make_batch(clips, config, step_generator(0, 7), 1000, rank, 2) for rank in range(2)]
+    for name in ("latents", "text", "subject_embeds", "noise", "timesteps", "filled", "clip_indices"):
+        torch.testing.assert_close(torch.cat([getattr(batch, name) for batch in ranks]), getattr(whole, name))
+    torch.testing.assert_close(torch.cat([b.subject_latents[0] for b in ranks]), whole.subject_latents[0])
+    assert not torch.equal(ranks[0].noise, ranks[1].noise)
+    # Over a few steps the two processes draw different clips (drawn with replacement, so a step may repeat one).
+    drawn = [
+        torch.cat([make_batch(clips, config, step_generator(0, step), 1000, rank, 2).clip_indices for step in range(4)])
+        for rank in range(2)
     ]
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_two_processes_train_as_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch_size 1 each == one process with batch_size 2, within 1e-5."""
+    steps = {"max_steps": 3, "checkpoint_every": 3, "num_train_samples": 8}
+    single = train(_config(tmp_path, "single", batch_size=2, **steps), progress=False)  # also builds the cache
+    output = tmp_path / "ddp"
+    settings = {**FAST, **steps, "cache_dir": str(tmp_path / "cache"), "batch_size": 1, "unet_channels": "[16, 32]"}
+    command = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29517", "-m", "magdiff.cli", "train"]
+    command += ["--preset", "world-tiny", "--output-dir", str(output), "--no-progress"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+    log, single_log = _log(output), _log(tmp_path / "single")
     checksums = next(row["final_weight_checksums"] for row in log if "final_weight_checksums" in row)
     assert len(checksums) == 2 and checksums[0] == checksums[1]
-    assert [row["processes"] for row in log if "step" in row] == [2, 2]
+    records = [row for row in log if "step" in row]
+    single_records = [row for row in single_log if "step" in row]
+    assert [row["processes"] for row in records] == [2, 2, 2]
+    # Each process drew its own clips: rank r holds row r of the one-process batch, and the ranks differ.
+    ranks = [[index for row in records for index in row["clip_indices"][rank]] for rank in range(2)]
+    global_batches = [index for row in single_records for index in row["clip_indices"][0]]
+    assert ranks == [global_batches[0::2], global_batches[1::2]]
+    assert ranks[0] != ranks[1]
+    # The same losses and weights as one process of the global batch, up to float summation order.
+    for row, single_row in zip(records, single_records):
+        assert row["loss"] == pytest.approx(single_row["loss"], rel=1e-5, abs=1e-6)
+    raw = load_file(str(output / "checkpoints" / "step_000003" / "unet.safetensors"))
+    raw_single = load_file(str(tmp_path / "single" / "checkpoints" / "step_000003" / "unet.safetensors"))
+    assert raw.keys() == raw_single.keys()
+    for key in raw:
+        torch.testing.assert_close(raw[key], raw_single[key], atol=1e-5, rtol=1e-4, msg=key)
+    exported = _unet_weights(output / "model")
+    for key, value in _unet_weights(single).items():
+        torch.testing.assert_close(exported[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_min_snr_weights_match_the_closed_form():

@@ -125,6 +125,66 @@ class EncodedClips:
         return EncodedClips.file_has(path, TOKEN_FIELDS)
 
 
+def _config_fields(module: torch.nn.Module) -> dict:
+    """A component's config without the fields that say where or with which library version it was saved."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    values = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {
+        key: value
+        for key, value in values.items()
+        if not key.startswith("_") and key not in ("transformers_version", "dtype", "torch_dtype")
+    }
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of ``module``'s state dict (name, dtype, shape and all its bytes) and of its config.
+
+    Every byte, not a sample: any change to any weight gives another digest. The cost is one pass over the weights
+    (about 1 GB/s on one CPU core, so a second or two for SD-sized VAE and CLIP encoders, once per run)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(_config_fields(module), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _file_fields(path: Path) -> list:
+    """What identifies a file, or every file of a folder (frames, masks), without reading it: path, size, mtime."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(p), (stat := p.stat()).st_size, stat.st_mtime_ns] for p in files]
+
+
+def data_digest(dataset_name: str, num_samples: int, dataset: Dataset | None = None) -> str:
+    """What identifies the clips a cache encodes.
+
+    A manifest: its bytes (an entry rewritten in place changes it), and every file its first ``num_samples`` entries
+    name (videos, frame folders, mask folders) by path, size and modification time, so a clip replaced under the same
+    name is seen without decoding it. The world: its name, plus, when ``dataset`` is given, the first and last
+    clips' frames, masks and caption (so a change to the world's generator is seen too)."""
+    digest = hashlib.sha256(dataset_name.encode())
+    if dataset_name == "world":
+        if dataset is not None and num_samples > 0:
+            for index in sorted({0, num_samples - 1}):
+                sample = dataset[index]
+                digest.update(sample["caption"].encode())
+                for key in ("frames", "masks"):
+                    digest.update(sample[key].detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+    from ..data.manifest import read_manifest
+
+    entries = read_manifest(dataset_name)
+    manifest = entries[0].manifest or Path(dataset_name)
+    digest.update(manifest.read_bytes())
+    for entry in entries[:num_samples]:
+        named = [entry.video] + ([entry.masks] if entry.masks is not None else [])
+        digest.update(json.dumps([_file_fields(Path(path)) for path in named]).encode())
+    return digest.hexdigest()
+
+
 def fingerprint(
     pipeline: MagDiffPipeline,
     dataset_name: str,
@@ -133,33 +193,33 @@ def fingerprint(
     resolution: int,
     subject_image: str = "segmented",
     text_from_tokens: bool = False,
+    dataset: Dataset | None = None,
 ) -> str:
-    """Identifies what a cache was built from (data + frozen encoders), so a stale cache is rebuilt.
+    """Identifies what a cache was built from, so a stale cache is rebuilt: the data (:func:`data_digest`), the
+    settings, the tokenizer, and every weight and config of the frozen encoders that feed it (VAE, text encoder,
+    image encoder; :func:`weights_digest`).
 
     ``text_from_tokens``: the run trains the text encoder and reads the cached token ids, never the cached text
-    states, so the text encoder's weights are left out (one cache serves every continuation of such a run) and the
-    tokenizer's vocabulary goes in instead."""
+    states, so the text encoder's weights are left out (one cache serves every continuation of such a run)."""
     digest = hashlib.sha256()
     fields: list = [
-        dataset_name,
+        "cache v2",  # v1 hashed a sample of the weights and the dataset's name only
         num_samples,
         num_frames,
         resolution,
         list(cache_scales(pipeline)),
-        "pyramid",  # every cache holds a pyramid (kept in the digest so earlier caches stay valid)
         pipeline.unet.config.image_encoder_hidden_layer,
+        subject_image,
+        str(CACHE_DTYPE),
+        data_digest(dataset_name, num_samples, dataset),
+        sorted(pipeline.tokenizer.get_vocab().items()),
+        pipeline.tokenizer.model_max_length,
     ]
-    if subject_image == "whole":
-        fields.append("whole")
     if text_from_tokens:
-        fields += ["token ids", sorted(pipeline.tokenizer.get_vocab().items())]
+        fields.append("token ids")
+    modules = [pipeline.vae, pipeline.image_encoder] + ([] if text_from_tokens else [pipeline.text_encoder])
+    fields += [weights_digest(module) for module in modules]
     digest.update(json.dumps(fields).encode())
-    for module in (pipeline.vae, pipeline.text_encoder, pipeline.image_encoder):
-        if text_from_tokens and module is pipeline.text_encoder:
-            continue
-        for name, tensor in sorted(module.state_dict().items())[:8]:
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().flatten()[:64].numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -4,18 +4,19 @@
     magdiff train --config my_run.yaml --resume latest
     torchrun --nproc_per_node 4 -m magdiff.cli train --config my_run.yaml
 
-Reproducibility: every step draws its batch, slot filling, text dropout, noise and timesteps from a generator
-seeded by (seed, step, rank), so a resumed run continues exactly where it stopped (checkpoints restore the weights,
-the optimiser, the LR schedule and the EMA), and N processes see different data.
+Reproducibility: every step draws the global batch (``batch_size`` clips per process), its slot filling, text
+dropout, noise and timesteps from a generator seeded by (seed, step), and each process trains on its own rows of it.
+So a resumed run continues exactly where it stopped (checkpoints restore the weights, the optimiser, the LR schedule
+and the EMA), N processes see different clips, and N processes of ``batch_size`` b train as one process of N * b.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from .config import TrainConfig
 LOG_FILE = "train_log.jsonl"
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     latents: torch.Tensor  # (b, c, F, h, w)
     text: torch.Tensor  # (b, n_txt, c)
@@ -52,6 +53,7 @@ class Batch:
     input_ids: torch.Tensor | None = None  # (b, n_txt) the (possibly dropped) captions' ids, when the cache has them
     attention_mask: torch.Tensor | None = None  # (b, n_txt)
     subject_masks: torch.Tensor | None = None  # (b, 1, F, h, w) when the cache has them
+    clip_indices: torch.Tensor | None = None  # (b,) which cached clips the rows are (logged)
 
 
 class TrainedModel(nn.Module):
@@ -88,8 +90,9 @@ class TrainedModel(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, subject=subject).sample
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s global batch (the same on every process)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64)
 
 
 def timestep_weights(config: TrainConfig, num_train_timesteps: int) -> torch.Tensor | None:
@@ -103,9 +106,19 @@ def timestep_weights(config: TrainConfig, num_train_timesteps: int) -> torch.Ten
     return weights / weights.sum()
 
 
-def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Generator, num_train_timesteps: int) -> Batch:
-    """Assemble one training batch from the cache (indices, slots, text dropout, noise, timesteps)."""
-    batch_size = config.batch_size
+def make_batch(
+    clips: EncodedClips,
+    config: TrainConfig,
+    generator: torch.Generator,
+    num_train_timesteps: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Batch:
+    """Assemble process ``rank``'s training batch from the cache: every draw (indices, slots, text dropout, noise,
+    timesteps) is made for the global batch of ``world_size * batch_size`` clips, and this process keeps its rows
+    ``rank * batch_size .. (rank + 1) * batch_size - 1``."""
+    batch_size = config.batch_size * world_size
+    rows = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
     index = torch.randint(0, len(clips), (batch_size,), generator=generator)
     latents = clips.latents[index].float()
     num_frames = latents.shape[2]
@@ -133,7 +146,21 @@ def make_batch(clips: EncodedClips, config: TrainConfig, generator: torch.Genera
     else:
         timesteps = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
     subject_masks = None if clips.subject_masks is None else clips.subject_masks[index].float()[:, None]
-    return Batch(latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask, subject_masks)
+    batch = Batch(
+        latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask, subject_masks, index
+    )
+    return batch if world_size == 1 else batch_rows(batch, rows)
+
+
+def batch_rows(batch: Batch, rows: slice) -> Batch:
+    """The rows ``rows`` of every tensor of ``batch`` (one process's share of the global batch)."""
+
+    def take(value: Any) -> Any:
+        if isinstance(value, list):  # the pyramid: one tensor per scale
+            return [level[rows] for level in value]
+        return value[rows] if isinstance(value, torch.Tensor) else value
+
+    return Batch(**{field.name: take(getattr(batch, field.name)) for field in dataclasses.fields(Batch)})
 
 
 def clip_losses(
@@ -220,6 +247,7 @@ def load_or_build_cache(
         config.resolution,
         subject_image,
         text_from_tokens=config.train_text_encoder,
+        dataset=dataset,
     )
     path = cache_dir / f"clips_{expected}.safetensors"
     needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
@@ -240,6 +268,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     before a multi-process launch, so the other processes do not wait on one core)."""
     config.validate()
     output_dir = Path(config.output_dir)
+    checkpoint = None if resume is None else resolve_resume(output_dir / "checkpoints", resume)  # fail before work
     # accelerate only starts its multi-CPU (gloo) mode when asked for the CPU explicitly.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
@@ -294,8 +323,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
 
     # 3. Resume
     start_step = 0
-    if resume is not None:
-        checkpoint = resolve_resume(output_dir / "checkpoints", resume)
+    if checkpoint is not None:
         start_step = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)["step"]
         if accelerator.is_main_process:
             print(f"resumed from {checkpoint} (step {start_step})")
@@ -304,6 +332,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     # 4. The loop
     log_path = output_dir / LOG_FILE
     running_loss, running_count, started = 0.0, 0, time.perf_counter()
+    drawn: list[torch.Tensor] = []  # this process's clip indices since the last log record
     bar = tqdm(
         total=config.max_steps,
         initial=start_step,
@@ -311,8 +340,9 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         disable=not (progress and accelerator.is_main_process),
     )
     for step in range(start_step, config.max_steps):
-        generator = step_generator(config.seed, step, rank)
-        batch = make_batch(clips, config, generator, noise_scheduler.config.num_train_timesteps)
+        generator = step_generator(config.seed, step)
+        batch = make_batch(clips, config, generator, noise_scheduler.config.num_train_timesteps, rank, world_size)
+        drawn.append(batch.clip_indices)
         noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
         if config.prediction_type == "epsilon":
             target = batch.noise
@@ -348,18 +378,21 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         done = step + 1
         bar.update(1)
         if done % config.log_every == 0 or done == config.max_steps:
+            # every process's clips of the steps since the last record: (processes, steps * batch_size)
+            clip_indices = accelerator.gather(torch.cat(drawn)).reshape(world_size, -1)
             record = {
                 "step": done,
                 "loss": running_loss / running_count,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - started, 2),
                 "processes": world_size,
+                "clip_indices": clip_indices.tolist(),
             }
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            running_loss, running_count = 0.0, 0
+            running_loss, running_count, drawn = 0.0, 0, []
         if done % config.checkpoint_every == 0 or done == config.max_steps:
             if accelerator.is_main_process:
                 save_checkpoint(

@@ -1,0 +1,175 @@
+"""The cache fingerprint: every weight that feeds the cache, the manifest's contents and the files it names."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from magdiff.training import trainer
+from magdiff.training.cache import data_digest, fingerprint, weights_digest
+from magdiff.training.config import config_from_dict, get_preset
+from magdiff.training.trainer import build_pipeline, load_or_build_cache
+
+TINY = {"unet_channels": (16, 32), "num_frames": 4, "num_train_samples": 2, "batch_size": 1}
+SIZE = 64
+
+
+def _pipeline():
+    return build_pipeline(config_from_dict(TINY, get_preset("world-tiny")))
+
+
+def _print(pipeline, dataset="world", **kwargs):
+    return fingerprint(pipeline, dataset, 2, 4, SIZE, **kwargs)
+
+
+def test_an_unchanged_setup_has_the_same_fingerprint_and_reuses_its_cache(tmp_path, monkeypatch):
+    first, second = _pipeline(), _pipeline()  # built twice from the same config and seed
+    assert _print(first) == _print(second)
+
+    calls = []
+    encode = trainer.encode_clips
+
+    def counting_encode(*args, **kwargs):
+        calls.append(args[3] if len(args) > 3 else kwargs)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "encode_clips", counting_encode)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    paths = {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")}
+    config = config_from_dict({**TINY, **paths}, get_preset("world-tiny"))
+    load_or_build_cache(config, first, accelerator, progress=False)
+    load_or_build_cache(config, second, accelerator, progress=False)
+    assert len(calls) == 1  # built once, reused by the identical second setup
+    assert len(list((tmp_path / "cache").glob("clips_*.safetensors"))) == 1
+    with torch.no_grad():
+        second.vae.encoder.conv_in.weight.mul_(1.01)
+    load_or_build_cache(config, second, accelerator, progress=False)
+    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("clips_*.safetensors"))) == 2
+
+
+def test_an_encoder_only_vae_change_is_seen():
+    pipeline = _pipeline()
+    before = _print(pipeline)
+    # The VAE's encoder sorts after its decoder: the old fingerprint (first 8 tensors by name) was all decoder.
+    name, tensor = max((n, t) for n, t in pipeline.vae.state_dict().items() if n.startswith("encoder."))
+    frames = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        latents = pipeline._vae_mean_latents(frames)
+    original = tensor.clone()
+    with torch.no_grad():
+        tensor.add_(0.05)
+        assert not torch.allclose(pipeline._vae_mean_latents(frames), latents), name  # the cached latents change
+    assert _print(pipeline) != before, name
+    with torch.no_grad():
+        tensor.copy_(original)
+    assert _print(pipeline) == before
+
+
+def test_a_last_layer_image_encoder_change_is_seen():
+    pipeline = _pipeline()
+    before = _print(pipeline)
+    last = pipeline.image_encoder.vision_model.encoder.layers[-1]
+    with torch.no_grad():
+        last.mlp.fc2.bias.add_(0.05)  # feeds the hidden states the cache stores (image_encoder_hidden_layer=-1)
+    assert _print(pipeline) != before
+    # One value anywhere in any tensor is enough.
+    pipeline = _pipeline()
+    with torch.no_grad():
+        pipeline.image_encoder.vision_model.post_layernorm.weight[-1] += 1e-3
+    assert _print(pipeline) != before
+
+
+def test_weights_digest_covers_every_byte_and_the_config():
+    pipeline = _pipeline()
+    before = weights_digest(pipeline.text_encoder)
+    parameters = list(pipeline.text_encoder.parameters())
+    with torch.no_grad():
+        parameters[len(parameters) // 2].view(-1)[-1] += 1e-4
+    assert weights_digest(pipeline.text_encoder) != before
+    vae = _pipeline().vae
+    original = weights_digest(vae)
+    vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)  # the cached latents are scaled by it
+    assert weights_digest(vae) != original
+
+
+# ---------------------------------------------------------------------- manifests
+
+
+def _write_clip(folder: Path, value: int, frames: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(frames):
+        Image.fromarray(np.full((SIZE, SIZE, 3), value + index, dtype=np.uint8)).save(folder / f"{index:03d}.png")
+
+
+def _write_masks(folder: Path, frames: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    for index in range(frames):
+        Image.fromarray(mask).save(folder / f"{index:03d}.png")
+
+
+def _manifest(root: Path, captions: list[str]) -> Path:
+    lines = []
+    for index, caption in enumerate(captions):
+        _write_clip(root / f"clip{index}", 40 * index)
+        _write_masks(root / f"masks{index}")
+        lines.append(json.dumps({"video": f"clip{index}", "caption": caption, "masks": f"masks{index}"}))
+    path = root / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_manifest_rewritten_in_place_is_seen(tmp_path):
+    manifest = _manifest(tmp_path, ["a cat moving left", "a dog moving up"])
+    pipeline = _pipeline()
+    before = _print(pipeline, str(manifest))
+    assert _print(pipeline, str(manifest)) == before  # unchanged: the same fingerprint
+    manifest.write_text(manifest.read_text().replace("a dog moving up", "a dog moving down"))
+    assert _print(pipeline, str(manifest)) != before
+
+
+def test_a_named_clip_file_replaced_is_seen(tmp_path):
+    manifest = _manifest(tmp_path, ["a cat moving left", "a dog moving up"])
+    before = data_digest(str(manifest), 2)
+    frame = tmp_path / "clip1" / "002.png"
+    stat = frame.stat()
+    Image.fromarray(np.full((SIZE, SIZE, 3), 250, dtype=np.uint8)).save(frame)  # the same name, other pixels
+    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert data_digest(str(manifest), 2) != before
+    # a mask file replaced, or a frame added to a frame folder, too
+    after_frame = data_digest(str(manifest), 2)
+    mask = tmp_path / "masks0" / "000.png"
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 1_000_000_000))
+    assert data_digest(str(manifest), 2) != after_frame
+    after_mask = data_digest(str(manifest), 2)
+    _write_clip(tmp_path / "clip0", 0, frames=5)
+    assert data_digest(str(manifest), 2) != after_mask
+    # only the entries the cache encodes count: the second clip is not in a one-clip cache
+    one = data_digest(str(manifest), 1)
+    frame.write_bytes(frame.read_bytes())
+    os.utime(frame, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    assert data_digest(str(manifest), 1) == one
+
+
+def test_a_world_generator_change_is_seen(monkeypatch):
+    from magdiff.data.world import TRAIN_SEED_OFFSET, WorldConfig, WorldDataset
+
+    dataset = WorldDataset(2, seed_offset=TRAIN_SEED_OFFSET, config=WorldConfig(num_frames=4, size=SIZE))
+    before = data_digest("world", 2, dataset)
+    assert data_digest("world", 2, dataset) == before
+    original = WorldDataset.__getitem__
+
+    def other_captions(self, index):
+        sample = dict(original(self, index))
+        sample["caption"] = sample["caption"] + " quickly"
+        return sample
+
+    monkeypatch.setattr(WorldDataset, "__getitem__", other_captions)
+    assert data_digest("world", 2, dataset) != before
