@@ -254,24 +254,25 @@ def test_from_scratch_selection_trains_everything_but_fixed_apa_weights(apa):
 
 def test_unet_save_load_round_trip(tmp_path, base_and_magdiff):
     _, unet = base_and_magdiff
-    with torch.no_grad():  # make every new weight non-trivial so a dropped weight shows
-        unet.set_apa_weights(a_img=0.8, a_txt=1.2)
-        unet.conv_in.weight[:, 4:].normal_(0.0, 0.05)
-    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
-    loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet").eval()
-    assert loaded.config.hfa == "pyramid" and loaded.config.apa == "learned"
-    original_state, loaded_state = unet.state_dict(), loaded.state_dict()
-    assert set(original_state) == set(loaded_state)
-    for key, value in original_state.items():
-        assert torch.equal(value, loaded_state[key]), key
-    sample, timestep, text, embeds, latents = _inputs()
-    with torch.no_grad():
-        expected = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
-        out = loaded(sample, timestep, encoder_hidden_states=text, subject=_subject(loaded, embeds, latents))
-    torch.testing.assert_close(out.sample, expected.sample)
-    unet.set_apa_weights(a_img=1.5, a_txt=1.0)
-    with torch.no_grad():
-        unet.conv_in.weight[:, 4:].zero_()
+    fresh = {key: value.clone() for key, value in unet.state_dict().items()}  # the shared fixture, restored below
+    try:
+        with torch.no_grad():  # make every new weight non-trivial so a dropped weight shows
+            unet.set_apa_weights(a_img=0.8, a_txt=1.2)
+            unet.conv_in.weight[:, 4:].normal_(0.0, 0.05)
+        unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+        loaded = MagDiffUNetModel.from_pretrained(tmp_path / "unet").eval()
+        assert loaded.config.hfa == "pyramid" and loaded.config.apa == "learned"
+        original_state, loaded_state = unet.state_dict(), loaded.state_dict()
+        assert set(original_state) == set(loaded_state)
+        for key, value in original_state.items():
+            assert torch.equal(value, loaded_state[key]), key
+        sample, timestep, text, embeds, latents = _inputs()
+        with torch.no_grad():
+            expected = unet(sample, timestep, encoder_hidden_states=text, subject=_subject(unet, embeds, latents))
+            out = loaded(sample, timestep, encoder_hidden_states=text, subject=_subject(loaded, embeds, latents))
+        torch.testing.assert_close(out.sample, expected.sample)
+    finally:
+        unet.load_state_dict(fresh)
 
 
 def test_new_parameters_are_known_by_construction(base_and_magdiff):
