@@ -12,6 +12,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``MAGDIFF_SLOW=1`` runs the slow tests too (pyproject's ``addopts`` deselects them with ``-m 'not slow'``;
+    ``-m slow`` on the command line runs only them)."""
+    if os.environ.get("MAGDIFF_SLOW", "") not in ("", "0") and config.option.markexpr == "not slow":
+        config.option.markexpr = ""
+
+
 @pytest.fixture(scope="session")
 def public_parts(tmp_path_factory):
     """Tiny SD pipeline, motion adapter, IP-Adapter-Plus file (original layout) and CLIP vision encoder on disk."""

@@ -117,6 +117,7 @@ def resumed_runs(tmp_path_factory):
     return {"root": root, "straight": straight, "resumed": resumed, "tampered": tampered}
 
 
+@pytest.mark.slow
 def test_resume_is_exact(resumed_runs):
     root, straight, resumed = resumed_runs["root"], resumed_runs["straight"], resumed_runs["resumed"]
     first, second = _unet_weights(straight), _unet_weights(resumed)
@@ -142,6 +143,7 @@ def test_resume_is_exact(resumed_runs):
         assert sum(not torch.equal(first[k], before[k]) for k in floats) > 0.9 * len(floats)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_it_finds(resumed_runs):
     straight, tampered = _unet_weights(resumed_runs["straight"]), _unet_weights(resumed_runs["tampered"])
     changed = [
@@ -151,6 +153,7 @@ def test_resume_continues_from_the_checkpoint_it_finds(resumed_runs):
     assert [row["step"] for row in _log(resumed_runs["root"] / "tampered") if "step" in row] == [3, 4]
 
 
+@pytest.mark.slow
 def test_checkpoints_are_pruned_and_pickle_free(resumed_runs):
     run = resumed_runs["root"] / "straight"
     checkpoints = list_checkpoints(run / "checkpoints")
@@ -260,6 +263,7 @@ def test_exported_scheduler_samples_what_the_unet_predicts(tmp_path):
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.slow
 def test_text_encoder_trains_with_the_unet_and_resumes_exactly(tmp_path):
     from magdiff.pipelines.pipeline_magdiff import encode_tokens
     from magdiff.training.cache import EncodedClips
@@ -330,8 +334,7 @@ def test_timestep_bias_draws_the_noisiest_steps_more_often():
         config_from_dict({"timestep_bias": "middle"})
 
 
-def test_subject_weighted_loss(tmp_path):
-    from magdiff.training.cache import EncodedClips
+def test_subject_weighted_loss_is_the_weighted_mean():
     from magdiff.training.trainer import clip_losses
 
     # The weighted mean: with the error all inside the subject, weight w scales the loss by (1 + w) over the mean
@@ -351,6 +354,11 @@ def test_subject_weighted_loss(tmp_path):
         clip_losses(prediction, target, None, 1.0)
     with pytest.raises(MagDiffInputError, match="subject_loss_weight must be"):
         config_from_dict({"subject_loss_weight": -1.0})
+
+
+@pytest.mark.slow
+def test_subject_masks_are_cached_and_a_weighted_run_trains(tmp_path):
+    from magdiff.training.cache import EncodedClips
 
     # The cache holds each frame's mask at the latent resolution (a latent pixel is subject when any pixel is), a
     # cache without them is rebuilt when the loss asks for them, and a run trains with it.
