@@ -138,3 +138,33 @@ def test_generation_gets_the_trajectory_option_and_nothing_else_does(trajectory)
     pipeline = OraclePipeline(2)
     evaluate_world(pipeline, num_samples=2, trajectory=trajectory, progress=False)
     assert sorted(set(pipeline.trajectories)) == sorted({("generate", trajectory), ("text", None), ("edit", None)})
+
+
+class UserStylePipeline:
+    """The perfect answer for a user-style prompt: the cut-out subject moved 2 px per frame the asked way over the
+    asked background."""
+
+    def __call__(self, prompt, subject_image, subject_mask, num_frames, **kwargs):
+        words = prompt.split()
+        motion = words[words.index("moving") + 1]
+        background = next(word for word in reversed(words) if word in BACKGROUND_COLOURS)
+        colour = torch.tensor(BACKGROUND_COLOURS[background], dtype=torch.float32).view(3, 1, 1) / 127.5 - 1
+        dx, dy = {"left": (-2, 0), "right": (2, 0), "up": (0, -2), "down": (0, 2)}[motion]
+        frames = []
+        for f in range(num_frames):
+            image = torch.roll(subject_image, (dy * f, dx * f), dims=(1, 2))
+            mask = torch.roll(subject_mask, (dy * f, dx * f), dims=(1, 2))
+            frames.append(torch.where(mask > 0.5, image, colour.expand_as(image)))
+        return SimpleNamespace(frames=((torch.stack(frames) + 1) / 2)[None])
+
+
+def test_user_style_benchmark_scores_the_perfect_answer_perfectly():
+    from magdiff.evaluation.world_benchmark import evaluate_user_style
+
+    records: list[dict] = []
+    results = evaluate_user_style(UserStylePipeline(), num_samples=16, per_sample=records, progress=False)
+    assert results["user_style/count"] == 16 and len(records) == 16
+    assert results["user_style/motion_correct"] >= 0.9  # a subject that reaches the border can stop early
+    assert results["user_style/background_correct"] == 1.0
+    assert results["user_style/subject_colour_error_median"] < 1.0
+    assert {row["asked_motion"] for row in records} >= {"left", "right"}
