@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-# ---------------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------------- helpers
 
 
 def _load_sampling_pipeline(args: argparse.Namespace) -> MagDiffPipeline:
@@ -97,8 +97,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     size = _size(args, pipeline)
     subject = load_subject(args.subject, mask_path=args.subject_mask, segmenter=segmenter, size=size)
     trajectory = load_trajectory(args.trajectory)
-    inputs = {"subject_image": subject.image, "subject_mask": subject.mask, "trajectory": trajectory}
-    _run_and_save(pipeline, args, fmt, size, num_frames=args.num_frames, **inputs)
+    _run_and_save(
+        pipeline,
+        args,
+        fmt,
+        size,
+        num_frames=args.num_frames,
+        subject_image=subject.image,
+        subject_mask=subject.mask,
+        trajectory=trajectory,
+    )
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -123,9 +131,19 @@ def cmd_edit(args: argparse.Namespace) -> None:
         from .inversion import check_invertible
 
         check_invertible(pipeline.scheduler)  # before any work: --invert needs DDIM
-    inputs = {"video": frames, "video_masks": masks, "keep": args.keep, "segmenter": segmenter}
-    inputs.update(invert=args.invert, source_prompt=args.source_prompt)
-    _run_and_save(pipeline, args, fmt, size, num_frames=num_frames, **inputs)
+    _run_and_save(
+        pipeline,
+        args,
+        fmt,
+        size,
+        num_frames=num_frames,
+        video=frames,
+        video_masks=masks,
+        keep=args.keep,
+        segmenter=segmenter,
+        invert=args.invert,
+        source_prompt=args.source_prompt,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- assemble, train
