@@ -246,7 +246,7 @@ def cmd_train_trajectory(args: argparse.Namespace) -> None:
 
 def cmd_evaluate_world(args: argparse.Namespace) -> None:
     from .evaluation.standard import format_results
-    from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
+    from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_user_style, evaluate_world
 
     pipeline = _load_sampling_pipeline(args)
     pipeline.set_progress_bar_config(disable=True)
@@ -266,9 +266,23 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         subject_input=args.subject_input,
         trajectory=args.trajectory,
     )
+    if args.user_style > 0:
+        results.update(
+            evaluate_user_style(
+                pipeline,
+                num_samples=args.user_style,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                num_frames=args.num_frames,
+                seed=args.seed,
+                trajectory=args.trajectory,
+                per_sample=per_sample,
+                progress=False,
+            )
+        )
     print("\n".join(format_results(results, {})))
     if args.out:
-        settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory")
+        settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory", "user_style")
         record = {key: getattr(args, key) for key in settings}
         _write_json(args.out, {**record, "results": results, "per_sample": per_sample})
         print(f"wrote {args.out}")
@@ -409,8 +423,13 @@ def _add_evaluate_parsers(targets: argparse._SubParsersAction) -> None:
     world.add_argument("--resolution", type=int, default=64, help="size of the world clips in pixels")
     world.add_argument("--guidance-scale", type=float, default=7.5)
     world.add_argument("--seed", type=int, default=0)
-    tasks_help = "comma-separated, from generation,empty_subject,editing,editing_inverted (default: the first three)"
+    tasks_help = (
+        "comma-separated, from generation,empty_subject,editing,editing_background,editing_inverted,editing_blend,"
+        "editing_background_blend (default: the first four)"
+    )
     world.add_argument("--tasks", default=None, help=tasks_help)
+    user_style_help = "also generate from this many held-out user-style subjects (looks the world never makes)"
+    world.add_argument("--user-style", type=int, default=0, metavar="N", help=user_style_help)
     subject_help = (
         "generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)"
     )
