@@ -265,6 +265,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         per_sample=per_sample,
         subject_input=args.subject_input,
         trajectory=args.trajectory,
+        truncate_prompt=args.truncate_prompt,
     )
     if args.user_style > 0:
         results.update(
@@ -278,6 +279,7 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
                 trajectory=args.trajectory,
                 per_sample=per_sample,
                 progress=False,
+                truncate_prompt=args.truncate_prompt,
             )
         )
     print("\n".join(format_results(results, {})))
@@ -430,6 +432,8 @@ def _add_evaluate_parsers(targets: argparse._SubParsersAction) -> None:
     world.add_argument("--tasks", default=None, help=tasks_help)
     user_style_help = "also generate from this many held-out user-style subjects (looks the world never makes)"
     world.add_argument("--user-style", type=int, default=0, metavar="N", help=user_style_help)
+    truncate_help = "cut captions longer than the model's text context (a warning each) instead of stopping"
+    world.add_argument("--truncate-prompt", action="store_true", help=truncate_help)
     subject_help = (
         "generation's subject: the cut-out (default) or the whole first frame (models trained on uncut subjects)"
     )

@@ -103,6 +103,7 @@ def evaluate_world(
     per_sample: list[dict[str, Any]] | None = None,
     subject_input: str = "segmented",
     trajectory: str = "auto",
+    truncate_prompt: bool = False,
 ) -> dict[str, float]:
     """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
 
@@ -111,7 +112,9 @@ def evaluate_world(
     record per clip and task (for merging shards or looking at failures). ``subject_input="whole"`` gives
     generation the whole first frame as its subject (for models trained on uncut subjects); fidelity is still
     scored against the cut-out subject. ``trajectory`` is the pipeline's option for generation: ``"auto"`` (its
-    trajectory head, when it has one) or ``"off"`` (the paper's slot-0-only generation)."""
+    trajectory head, when it has one) or ``"off"`` (the paper's slot-0-only generation). ``truncate_prompt`` cuts
+    captions longer than the model's text context (with a warning each) instead of stopping: for models trained on
+    captions cut the same way."""
     if subject_input not in ("segmented", "whole"):
         raise ValueError(f"subject_input must be 'segmented' or 'whole', got {subject_input!r}.")
     unknown = set(tasks) - set(TASKS)
@@ -127,6 +130,7 @@ def evaluate_world(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "output_type": "pt",
+        "truncate_prompt": truncate_prompt,
     }
     for index in tqdm(range(first_sample, first_sample + num_samples), desc="world benchmark", disable=not progress):
         sample = make_sample(EVAL_SEED_OFFSET + index, world)
@@ -242,6 +246,7 @@ def evaluate_user_style(
     trajectory: str = "auto",
     per_sample: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    truncate_prompt: bool = False,
 ) -> dict[str, float]:
     """Generation from the held-out user-style subjects (:mod:`magdiff.data.user_style`: shapes, sizes, colours and
     patterns the world never makes), each cut out by its exact mask, scored by the oracle like ``generation``:
@@ -269,6 +274,7 @@ def evaluate_user_style(
             output_type="pt",
             generator=torch.Generator().manual_seed(seed + index),
             trajectory=trajectory,
+            truncate_prompt=truncate_prompt,
         )
         result = score_generation(
             _video(out.frames), None, cutout, mask[0], caption_background=background, caption_motion=motion
