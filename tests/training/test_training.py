@@ -406,5 +406,3 @@ def test_attention_head_width_of_a_new_model(tmp_path):
         attention_heads((16, 32), 12)
     with pytest.raises(MagDiffInputError, match="attention_head_dim must be >= 1"):
         config_from_dict({"attention_head_dim": 0})
-    with pytest.raises(MagDiffInputError, match="attention_head_dim is for new models"):
-        config_from_dict({"attention_head_dim": 8, "model": "somewhere"})
