@@ -142,3 +142,28 @@ def test_world_text_features_separate_captions_that_differ_in_one_word():
     with torch.no_grad():
         weak_tokens = weak(ids).last_hidden_state
     assert (weak_tokens[0] - weak_tokens[1]).norm(dim=-1).max() / weak_tokens[0].norm(dim=-1).mean() < relative
+
+
+def test_world_unet_follows_the_vae_latent_channels():
+    from diffusers import AutoencoderKL
+
+    from magdiff.training.config import config_from_dict, get_preset
+    from magdiff.training.trainer import build_pipeline
+
+    unet = world_unet((16, 32), sample_size=16, latent_channels=16)
+    assert (unet.config.in_channels, unet.config.out_channels, unet.conv_in.in_channels) == (16, 16, 32)
+    assert torch.count_nonzero(unet.conv_in.weight[:, 16:]) > 0  # from scratch: the HFA channels are open
+    vae = AutoencoderKL(
+        latent_channels=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
+        config = config_from_dict({"vae": folder, "unet_channels": (16, 32)}, get_preset("world-tiny"))
+        assert build_pipeline(config).unet.config.in_channels == 8

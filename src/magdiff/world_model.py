@@ -177,9 +177,10 @@ def world_unet(
     text_time_conditioning: bool = True,
     first_frame_attention: bool = False,
     attention_head_dim: int = 32,
+    latent_channels: int = 4,
 ) -> MagDiffUNetModel:
     """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
-    spatial attention heads ``attention_head_dim`` wide."""
+    spatial attention heads ``attention_head_dim`` wide, for a VAE with ``latent_channels``."""
     torch.manual_seed(seed)
     levels = len(channels)
     down = tuple("CrossAttnDownBlockMotion" if i < levels - 1 else "DownBlockMotion" for i in range(levels))
@@ -187,8 +188,8 @@ def world_unet(
     heads = attention_heads(channels, attention_head_dim)
     unet = MagDiffUNetModel(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=channels,
@@ -215,7 +216,7 @@ def world_unet(
     # subject latents get a gradient from the first step.
     if hfa != "off":
         with torch.no_grad():
-            unet.conv_in.weight[:, 4:].normal_(0.0, 0.02)
+            unet.conv_in.weight[:, latent_channels:].normal_(0.0, 0.02)
     return unet
 
 

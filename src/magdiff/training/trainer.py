@@ -213,6 +213,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         seed=config.seed,
         text_time_conditioning=config.text_time_conditioning,
         first_frame_attention=bool(config.first_frame_attention),
+        latent_channels=components["vae"].config.latent_channels,
         attention_head_dim=config.attention_head_dim or 32,
     )
     return MagDiffPipeline(unet=unet, **components)
