@@ -22,7 +22,7 @@ def test_tokenizer_covers_the_world_vocabulary():
     assert len(tokenizer("a striped purple triangle staying still on a orange background").input_ids) == 12
     assert len(tokenizer.tokenize("zebra")) >= 1  # unknown words still tokenise, as pieces
     ids = tokenizer("a star moving left on a red background", padding="max_length").input_ids
-    assert len(ids) == tokenizer.model_max_length == 16
+    assert len(ids) == tokenizer.model_max_length == 77  # the context of the prompts users write, as CLIP's
 
 
 def test_learned_merges_spell_overlapping_words_whole():
@@ -135,13 +135,9 @@ def test_world_text_features_separate_captions_that_differ_in_one_word():
     captions = [f"a red striped circle moving left on a {colour} background" for colour in ("red", "green", "blue")]
     ids = tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        tokens = world_text_encoder(len(tokenizer))(ids).last_hidden_state  # (3, 16, 64)
+        tokens = world_text_encoder(len(tokenizer))(ids).last_hidden_state  # (3, 77, 64)
     relative = (tokens[0] - tokens[1]).norm(dim=-1).max() / tokens[0].norm(dim=-1).mean()
-    assert relative > 0.6  # CLIP's own 0.02 init gives about 0.3 here
-    weak = world_text_encoder(len(tokenizer), token_embedding_std=0.02)
-    with torch.no_grad():
-        weak_tokens = weak(ids).last_hidden_state
-    assert (weak_tokens[0] - weak_tokens[1]).norm(dim=-1).max() / weak_tokens[0].norm(dim=-1).mean() < relative
+    assert relative > 0.6  # one word changes the features that follow it
 
 
 def test_world_unet_follows_the_vae_latent_channels():
