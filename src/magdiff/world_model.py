@@ -100,6 +100,8 @@ def world_text_encoder(
             )
         state = load_file(str(tower / "model.safetensors"))
         state.pop("text_projection.weight")  # the pretraining projection, not part of the pipeline's encoder
+        # CLIPTextModelWithProjection keeps the tower under "text_model."; CLIPTextModel holds it at the top level.
+        state = {key.removeprefix("text_model."): value for key, value in state.items()}
         model = CLIPTextModel(config)
         model.load_state_dict(state, strict=True)
         return model.eval()

@@ -11,8 +11,8 @@ one image tower, and the text embedding is split in two halves, one per view:
 
 - **subject view**: one frame's cut-out (frame x mask, black elsewhere, as ``magdiff.sda.cut_out``), matched with
   the *subject half* of the text embedding;
-- **scene view**: the first and the last frame side by side, each squeezed to half width, matched with the *scene
-  half* (the motion is where the subject went between the two halves, the background is everywhere).
+- **scene view**: a motion-history image of the clip (:func:`scene_view`: the background as it is, the subject's
+  track as a grey ramp rising towards where it went), matched with the *scene half* of the text embedding.
 
 A caption and a clip score ``s = (cos(t_subject, e_subject) + cos(t_scene, e_scene)) / 2``. The losses are
 multi-positive InfoNCE over the batch (a caption's positives are every clip it is true of: "a red thing" is true of
@@ -118,6 +118,7 @@ class WorldClipConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 0.5
+    aux_image_weight: float = 1.0  # extra factor on the image heads' terms (the image tower's shape is the slowest)
     made_up_word_probability: float = 0.1
     unrelated_word_probability: float = 0.1
     checkpoint_minutes: float = 5.0
@@ -155,11 +156,20 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return (((images + 1.0) / 2.0).clamp(0.0, 1.0) - mean) / std
 
 
-def scene_view(frames: torch.Tensor) -> torch.Tensor:
-    """(F, 3, H, W) -> (3, H, W): the first and the last frame side by side, each averaged to half width."""
-    pair = frames[[0, -1]]  # (2, 3, H, W)
-    halves = F.avg_pool2d(pair, kernel_size=(1, 2))  # (2, 3, H, W/2)
-    return torch.cat([halves[0], halves[1]], dim=-1)  # (3, H, W)
+def scene_view(frames: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(F, 3, H, W) frames and (F, 1, H, W) masks -> (3, H, W): a motion-history image of the clip.
+
+    Outside every frame's subject the background as it is; inside, grey whose level is the last frame that covered
+    the pixel (frame f of F -> ``-1 + 2 (f + 1) / F``, the last frame white): a still subject is a flat white blob, a
+    moving one a ramp rising in its direction of travel (Bobick & Davis's motion history image). Direction becomes a
+    local intensity gradient that a patch embedding can read, rather than a comparison of two positions."""
+    num_frames = frames.shape[0]
+    covered = masks[:, 0] > 0.5  # (F, H, W)
+    levels = torch.arange(1, num_frames + 1, dtype=frames.dtype).view(-1, 1, 1) * covered  # (F, H, W)
+    latest = levels.max(dim=0).values  # (H, W): 0 where never covered
+    grey = -1.0 + 2.0 * latest / num_frames
+    inside = latest > 0
+    return torch.where(inside[None], grey[None].expand_as(frames[0]), frames[0])
 
 
 def build_towers(
@@ -268,7 +278,7 @@ def _training_batch(config: WorldClipConfig, step: int) -> dict[str, Any]:
         meta = sample["meta"]
         frame = int(rng.integers(meta["num_frames"]))
         subject_views.append(sample["subject_slots"][frame])
-        scene_views.append(scene_view(sample["frames"]))
+        scene_views.append(scene_view(sample["frames"], sample["masks"]))
         labels = {name: meta[name] for name in ATTRIBUTES}
         clip_labels.append(labels)
         roll = rng.random()
@@ -327,7 +337,7 @@ def _label_targets(labels: Sequence[Labels], name: str, unnamed: bool) -> torch.
 
 
 def training_losses(
-    model: WorldClip, tokenizer: Any, batch: dict[str, Any], aux_weight: float
+    model: WorldClip, tokenizer: Any, batch: dict[str, Any], aux_weight: float, aux_image_weight: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one batch (see the module docstring); ``loss`` is their weighted sum."""
     num_clips = len(batch["clip_labels"])
@@ -359,7 +369,9 @@ def training_losses(
     for name in ATTRIBUTES:
         aux.append(F.cross_entropy(model.text_heads[name](text_pooled), _label_targets(captions, name, True)))
         view = image_pooled[:num_clips] if name in SUBJECT_ATTRIBUTES else image_pooled[num_clips:]
-        aux.append(F.cross_entropy(model.image_heads[name](view), _label_targets(clips, name, False)))
+        aux.append(
+            aux_image_weight * F.cross_entropy(model.image_heads[name](view), _label_targets(clips, name, False))
+        )
     terms["aux"] = torch.stack(aux).mean()
     contrastive = sum(value for key, value in terms.items() if key != "aux") / 6.0
     terms["loss"] = contrastive + aux_weight * terms["aux"]
@@ -389,7 +401,7 @@ def _encode_clips(model: WorldClip, samples: Sequence[dict[str, Any]], batch: in
     for start in range(0, len(samples), batch):
         part = samples[start : start + batch]
         subject = torch.stack([s["subject_slots"][0] for s in part])
-        scene = torch.stack([scene_view(s["frames"]) for s in part])
+        scene = torch.stack([scene_view(s["frames"], s["masks"]) for s in part])
         embeds, _ = model.encode_image(clip_pixels(torch.cat([subject, scene])))
         chunks.append(torch.stack([embeds[: len(part)], embeds[len(part) :]], dim=1))
     return torch.cat(chunks)
@@ -564,6 +576,8 @@ def export_towers(model: WorldClip, tokenizer: Any, out: str | Path, record: dic
             **(record or {}),
         }
         (staging / "world_clip.json").write_text(json.dumps(info, indent=2) + "\n")
+        for path in [staging, *staging.rglob("*")]:  # package data: readable by all (mkdtemp makes it private)
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -626,7 +640,7 @@ def train_world_clip(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         batch = _training_batch(config, step)
-        terms = training_losses(model, tokenizer, batch, config.aux_weight)
+        terms = training_losses(model, tokenizer, batch, config.aux_weight, config.aux_image_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
