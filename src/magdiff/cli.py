@@ -246,7 +246,7 @@ def cmd_train_trajectory(args: argparse.Namespace) -> None:
 
 def cmd_evaluate_world(args: argparse.Namespace) -> None:
     from .evaluation.standard import format_results
-    from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_user_style, evaluate_world
+    from .evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
 
     pipeline = _load_sampling_pipeline(args)
     pipeline.set_progress_bar_config(disable=True)
@@ -266,22 +266,8 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         subject_input=args.subject_input,
         trajectory=args.trajectory,
         truncate_prompt=args.truncate_prompt,
+        user_style=args.user_style,
     )
-    if args.user_style > 0:
-        results.update(
-            evaluate_user_style(
-                pipeline,
-                num_samples=args.user_style,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
-                num_frames=args.num_frames,
-                seed=args.seed,
-                trajectory=args.trajectory,
-                per_sample=per_sample,
-                progress=False,
-                truncate_prompt=args.truncate_prompt,
-            )
-        )
     print("\n".join(format_results(results, {})))
     if args.out:
         settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory", "user_style")

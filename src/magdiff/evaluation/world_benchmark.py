@@ -104,6 +104,7 @@ def evaluate_world(
     subject_input: str = "segmented",
     trajectory: str = "auto",
     truncate_prompt: bool = False,
+    user_style: int = 0,
 ) -> dict[str, float]:
     """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
 
@@ -114,7 +115,8 @@ def evaluate_world(
     scored against the cut-out subject. ``trajectory`` is the pipeline's option for generation: ``"auto"`` (its
     trajectory head, when it has one) or ``"off"`` (the paper's slot-0-only generation). ``truncate_prompt`` cuts
     captions longer than the model's text context (with a warning each) instead of stopping: for models trained on
-    captions cut the same way."""
+    captions cut the same way. ``user_style`` adds that many held-out user-style subjects
+    (:func:`evaluate_user_style`) to the results and records."""
     if subject_input not in ("segmented", "whole"):
         raise ValueError(f"subject_input must be 'segmented' or 'whole', got {subject_input!r}.")
     unknown = set(tasks) - set(TASKS)
@@ -210,6 +212,21 @@ def evaluate_world(
             if isinstance(value, float) and math.isnan(value):
                 continue
             results[f"{task}/{key}"] = float(value)
+    if user_style > 0:
+        results.update(
+            evaluate_user_style(
+                pipeline,
+                num_samples=user_style,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                num_frames=num_frames,
+                seed=seed,
+                trajectory=trajectory,
+                per_sample=per_sample,
+                progress=progress,
+                truncate_prompt=truncate_prompt,
+            )
+        )
     return results
 
 
