@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the packaged default model from scratch on CPU (see docs/default_model.md for times and figures).
-#   1. the world VAE (factor 4, 64x64 px -> 16x16 latents)
-#   2. the MagDiff U-Net on 2,000 cached world clips, two processes (torchrun, gloo), resumable
+#   0. the world tokenizer ships in the package (python -m magdiff.tokenization rebuilds it, 4 s)
+#   1. the world VAE (factor 4, 64x64 px -> 16x16 latents; docs/vae.md), when the package has none
+#   1b. the world CLIP's text and image towers (docs/world_clip.md), when the package has none
+#   2. the MagDiff U-Net on the cached world clips (the world preset), two processes (torchrun, gloo), resumable
 #   3. the trajectory head (prompt -> the subject's path) on the exported pipeline's text encoder (about 3 minutes)
 #   4. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   5. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
@@ -12,13 +14,19 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 RUN=${RUN:-runs/world}
 VAE=${VAE:-src/magdiff/assets/world_vae}
-STEPS=${STEPS:-12000}
-CLIPS=${CLIPS:-2000}
+CLIP=${CLIP:-src/magdiff/assets/world_clip}
+STEPS=${STEPS:-20000}
+CLIPS=${CLIPS:-4000}
 BENCH=${BENCH:-200}
 INSTALL=${INSTALL:-1}
 
 if [ ! -f "$VAE/config.json" ]; then
   $PY -m magdiff.training.autoencoder --out "$VAE"
+fi
+if [ ! -d "$CLIP/text_encoder" ]; then
+  RESUME_CLIP=()
+  if ls "$RUN"/world_clip/step_* >/dev/null 2>&1; then RESUME_CLIP=(--resume latest); fi
+  $PY -m magdiff.training.world_clip --out "$RUN/world_clip" --export "$CLIP" "${RESUME_CLIP[@]+"${RESUME_CLIP[@]}"}"
 fi
 SET=(--set vae="$VAE" --set num_train_samples="$CLIPS")
 $PY -m magdiff.cli train --preset world --output-dir "$RUN" "${SET[@]}" --prepare-only
