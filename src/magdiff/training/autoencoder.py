@@ -45,7 +45,12 @@ from ..data.world import (
     pattern_colour,
 )
 from ..errors import MagDiffInputError
-from .checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors, resolve_resume
+from .checkpoint import (
+    optimizer_from_safetensors,
+    optimizer_to_safetensors,
+    resolve_resume,
+    staged_checkpoint,
+)
 
 __all__ = [
     "AutoencoderConfig",
@@ -700,25 +705,13 @@ def _save_checkpoint(
     """Write ``directory/step_XXXXXX`` (``vae``, ``optimizer`` and ``rng`` safetensors + ``state.json``) atomically
     and keep only the newest ``keep`` checkpoints."""
     assert settings.directory is not None
-    root = settings.directory
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    try:
+    with staged_checkpoint(settings.directory, step, settings.keep) as staging:
         save_file({k: v.detach().contiguous() for k, v in vae.state_dict().items()}, str(staging / "vae.safetensors"))
         tensors, metadata = optimizer_to_safetensors(optimizer)
         save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
         save_file({"torch_generator": generator.get_state()}, str(staging / "rng.safetensors"))
         (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for old in list_checkpoints(root)[: -settings.keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return settings.directory / f"step_{step:06d}"
 
 
 def _load_checkpoint(

@@ -12,6 +12,8 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,27 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
 
 
+@contextmanager
+def staged_checkpoint(directory: str | Path, step: int, keep: int) -> Iterator[Path]:
+    """Write a checkpoint folder atomically: the body fills the staging folder it is given; on success it is renamed
+    to ``directory/step_XXXXXX`` and all but the newest ``keep`` checkpoints are pruned; on any error (or an
+    interrupt) the staging folder is removed and the error goes on. Every trainer of the project writes through it."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -94,11 +117,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write ``directory/step_XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints."""
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    try:
+    with staged_checkpoint(directory, step, keep) as staging:
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
         tensors, metadata = optimizer_to_safetensors(optimizer)
         save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
@@ -106,15 +125,7 @@ def save_checkpoint(
             save_file(ema.state_dict(), str(staging / "ema.safetensors"))
         state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), **extra}
         (staging / "state.json").write_text(json.dumps(state, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return Path(directory) / f"step_{step:06d}"
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

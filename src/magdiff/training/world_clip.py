@@ -69,7 +69,12 @@ from ..data.world import (
 )
 from ..errors import MagDiffInputError
 from ..tokenization import ENGLISH_WORDS, load_world_tokenizer
-from .checkpoint import list_checkpoints, optimizer_from_safetensors, optimizer_to_safetensors, resolve_resume
+from .checkpoint import (
+    optimizer_from_safetensors,
+    optimizer_to_safetensors,
+    resolve_resume,
+    staged_checkpoint,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -528,25 +533,14 @@ def _save_checkpoint(
     root: Path, step: int, model: WorldClip, optimizer: torch.optim.Optimizer, extra: dict, keep: int
 ) -> Path:
     """``root/step_XXXXXX`` written to a temporary folder and renamed into place; all but the newest ``keep`` pruned."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    try:
+    with staged_checkpoint(root, step, keep) as staging:
         save_file(
             {k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors")
         )
         tensors, metadata = optimizer_to_safetensors(optimizer)
         save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
         (staging / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / f"step_{step:06d}"
 
 
 def _load_checkpoint(path: Path, model: WorldClip, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
