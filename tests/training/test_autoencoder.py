@@ -387,3 +387,23 @@ def test_shipped_world_vae_reconstructs_held_out_frames() -> None:
     assert metrics["background_mae"] < 0.02
     # The stored scaling factor gives the latents roughly unit variance.
     assert 0.5 < metrics["latent_std"] * vae.config.scaling_factor < 2.0
+
+
+def test_decoder_only_training_keeps_the_latent_space(tmp_path: Path) -> None:
+    config = _tiny_config(steps=2, eval_every=2, num_final_eval_frames=4, num_user_style_subjects=0)
+    first = train_autoencoder(config, tmp_path / "a", progress=False)
+    follow_up = _tiny_config(
+        steps=4, eval_every=4, num_final_eval_frames=4, num_user_style_subjects=0, learning_rate=1e-2,
+        init_from=str(tmp_path / "a"), train_decoder_only=True,
+    )  # fmt: skip
+    second = train_autoencoder(follow_up, tmp_path / "b", progress=False)
+    before = load_file(str(tmp_path / "a" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "b" / "diffusion_pytorch_model.safetensors"))
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)  # the same latents, bit for bit
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2  # the decoder trained
+    assert second["scaling_factor"] == pytest.approx(first["scaling_factor"], rel=1e-6)
+    with pytest.raises(MagDiffInputError, match="init_from"):
+        _tiny_config(train_decoder_only=True)

@@ -130,6 +130,10 @@ class AutoencoderConfig:
     """Continue training the VAE saved in this folder (same architecture) instead of a fresh one: a saved VAE (its
     ``training_log.jsonl``, if any, is carried over and the step count continues from its final step) or a ``step_*``
     checkpoint of another run (its weights and log; not its optimiser, so the recipe may change)."""
+    train_decoder_only: bool = False
+    """Train only the decoder (``post_quant_conv`` and ``decoder``) of the ``init_from`` model; the encoder and
+    ``quant_conv`` stay frozen, so the latent space, and every latent a U-Net was trained on, stays exactly the same
+    (Stable Diffusion's fine-tuned-decoder VAEs were made this way). Needs ``init_from``."""
     eval_every: int = 500
     num_eval_frames: int = 128
     """Held-out frames of the periodic evaluations (the final evaluation uses ``num_final_eval_frames``)."""
@@ -180,6 +184,10 @@ class AutoencoderConfig:
             raise MagDiffInputError(
                 f"crop_size must be a positive multiple of the downsampling factor ({self.downsampling_factor}), got "
                 f"{self.crop_size}."
+            )
+        if self.train_decoder_only and self.init_from is None:
+            raise MagDiffInputError(
+                "train_decoder_only keeps a trained encoder: pass init_from (a saved VAE or a step_* checkpoint)."
             )
         if self.subject_loss_weight < 1.0:
             raise MagDiffInputError(f"subject_loss_weight must be >= 1, got {self.subject_loss_weight}.")
@@ -881,7 +889,12 @@ def _train(
     vae, history, step_offset = _initial_model(config, world)
     vae.train()
     num_parameters = sum(p.numel() for p in vae.parameters())
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.train_decoder_only:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     data = _TrainFrames(config, world, first_seed=step_offset * config.batch_size)
     first_step, elapsed = 1, 0.0
@@ -918,7 +931,7 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
         optimizer.step()
         running.append(float(loss.detach()))
         if step % config.eval_every == 0 or step == config.steps:
@@ -1004,6 +1017,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (faster on CPU)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--init-from", default=None, help="continue training the VAE saved in this folder")
+    parser.add_argument(
+        "--decoder-only", action="store_true", help="train only the decoder of --init-from (the latents stay the same)"
+    )
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-frames", type=int, default=defaults.num_eval_frames)
     parser.add_argument("--final-eval-frames", type=int, default=defaults.num_final_eval_frames)
@@ -1047,6 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bf16=args.bf16,
             seed=args.seed,
             init_from=args.init_from,
+            train_decoder_only=args.decoder_only,
             eval_every=args.eval_every,
             num_eval_frames=args.eval_frames,
             num_final_eval_frames=args.final_eval_frames,
