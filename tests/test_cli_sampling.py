@@ -110,3 +110,43 @@ def test_edit_without_masks_keeps_what_the_segmentation_finds(saved_tiny_model, 
     left_slots, _ = editing_slots(frames, segment_video(frames, LeftHalf()))
     assert torch.equal(left.subject_slots, left_slots)  # --segmenter picks the segmentation
     assert not torch.allclose(left.frames, segmented.frames)  # and the edit follows it
+
+
+# ---------------------------------------------------------------------------------------------------- segmenter
+
+
+def _tiny_segmentation_model(folder):
+    """A one-label transformers segmentation model saved locally: every pixel is its label ``subject``."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    config = SegformerConfig(
+        num_encoder_blocks=1,
+        depths=[1],
+        sr_ratios=[1],
+        hidden_sizes=[8],
+        patch_sizes=[3],
+        strides=[2],
+        num_attention_heads=[1],
+        mlp_ratios=[1],
+        decoder_hidden_size=8,
+        num_labels=1,
+        id2label={0: "subject"},
+        label2id={"subject": 0},
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(folder)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_generate_segments_with_a_local_transformers_model(saved_tiny_model, tmp_path, calls):
+    subject = np.full((SIZE, SIZE, 3), 60, dtype=np.uint8)
+    subject[8:20, 8:20] = (230, 40, 40)  # GrabCut would cut out this square; the model's one label covers it all
+    PIL.Image.fromarray(subject).save(tmp_path / "subject.png")
+    model = _tiny_segmentation_model(tmp_path / "segmenter")
+    generate = ["generate", "--subject", str(tmp_path / "subject.png"), "--prompt", "a cat", "--trajectory", "off"]
+    segmenter = ["--segmenter", "transformers", "--segmenter-model", str(model)]
+    assert main([*generate, *segmenter, *_sampling_args(saved_tiny_model, tmp_path / "out.gif", frames=2)]) == 0
+    assert main([*generate, *_sampling_args(saved_tiny_model, tmp_path / "grabcut.gif", frames=2)]) == 0
+    (with_model, _), (with_grabcut, _) = calls
+    assert bool(with_model["subject_mask"].all())  # the transformers model's mask reached the pipeline
+    assert not bool(with_grabcut["subject_mask"].all())

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_checks import check_against_model, check_arguments, check_input_file
 from .errors import MagDiffInputError
 from .evaluation.layouts import DAVIS_LAYOUT, DREAMBOOTH_LAYOUT, EXTRACTOR_HELP, FOLDER_LAYOUT
 from .loading import SCHEDULERS, load_pipeline, resolve_device, resolve_model
@@ -37,12 +38,21 @@ def _load_sampling_pipeline(args: argparse.Namespace) -> MagDiffPipeline:
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler)
 
 
-def _segmenter(name: str | None) -> SubjectSegmenter | None:
-    if name is None:
+def _segmenter(args: argparse.Namespace) -> SubjectSegmenter | None:
+    """``--segmenter`` (``transformers`` with ``--segmenter-model DIR``; the folder alone implies it)."""
+    name, model = args.segmenter, args.segmenter_model
+    if name is None and model is None:
         return None
     from .segmentation import get_segmenter
 
-    return get_segmenter(name)
+    name = name or "transformers"
+    if name.strip().lower() != "transformers":
+        if model is not None:
+            raise MagDiffInputError(f"--segmenter-model is for --segmenter transformers, not --segmenter {name}.")
+        return get_segmenter(name)
+    if model is None:
+        raise MagDiffInputError("--segmenter transformers needs --segmenter-model DIR (a local segmentation model).")
+    return get_segmenter(name, model_path=model)
 
 
 def _size(args: argparse.Namespace, pipeline: MagDiffPipeline) -> tuple[int, int]:
@@ -67,6 +77,7 @@ def _run_and_save(
     from .media import save_video
 
     start = time.perf_counter()
+    replaced = Path(args.out).expanduser().exists()
     generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     output = pipeline(
         prompt=args.prompt,
@@ -85,18 +96,23 @@ def _run_and_save(
     path = save_video(video, args.out, fps=args.fps)
     elapsed = time.perf_counter() - start
     frames, _, height, width = video.shape
-    print(f"wrote {path} ({fmt}, {frames} frames, {width}x{height}, {args.fps} fps) in {elapsed:.1f} s")
+    replacing = ", replaced the existing file" if replaced else ""
+    print(f"wrote {path} ({fmt}, {frames} frames, {width}x{height}, {args.fps} fps{replacing}) in {elapsed:.1f} s")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .media import check_output_path, load_subject, load_trajectory
 
     fmt = check_output_path(args.out)
-    segmenter = _segmenter(args.segmenter)
+    check_input_file(args.subject, "--subject")  # every input is checked before the model loads
+    if args.subject_mask is not None:
+        check_input_file(args.subject_mask, "--subject-mask")
+    trajectory = load_trajectory(args.trajectory)
+    segmenter = _segmenter(args)
     pipeline = _load_sampling_pipeline(args)
+    check_against_model(args, pipeline, args.num_frames)
     size = _size(args, pipeline)
     subject = load_subject(args.subject, mask_path=args.subject_mask, segmenter=segmenter, size=size)
-    trajectory = load_trajectory(args.trajectory)
     _run_and_save(
         pipeline,
         args,
@@ -113,24 +129,20 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from .media import check_output_path, load_masks, load_video, probe_video
 
     fmt = check_output_path(args.out)
-    segmenter = _segmenter(args.segmenter)
+    info = probe_video(args.video)  # every input is checked before the model loads
+    if args.masks is not None and not Path(args.masks).expanduser().exists():
+        raise MagDiffInputError(f"--masks {args.masks!r} does not exist; give a folder of mask PNGs or a mask video.")
+    segmenter = _segmenter(args)
     pipeline = _load_sampling_pipeline(args)
+    num_frames = args.num_frames  # None: the source's length, up to the model's maximum (0 is refused above)
+    if num_frames is None:
+        num_frames = min(info.num_frames or 8, pipeline.max_num_frames)
+    check_against_model(args, pipeline, num_frames)  # --num-frames, --height/--width, --invert's sampler
     size = _size(args, pipeline)
-    info = probe_video(args.video)
-    num_frames = args.num_frames or min(info.num_frames or 8, pipeline.max_num_frames)
-    if num_frames > pipeline.max_num_frames:
-        raise MagDiffInputError(
-            f"--num-frames {num_frames} is more than this model supports "
-            f"({pipeline.max_num_frames}); ask for fewer frames."
-        )
     frames = load_video(args.video, num_frames=num_frames, size=size)
     masks = None
     if args.masks is not None:
         masks = load_masks(args.masks, num_frames=num_frames, size=size, expected_size=(info.height, info.width))
-    if args.invert:
-        from .inversion import check_invertible
-
-        check_invertible(pipeline.scheduler)  # before any work: --invert needs DDIM
     _run_and_save(
         pipeline,
         args,
@@ -381,7 +393,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     guidance_help = "optional subject guidance scale (default: off)"
     parser.add_argument("--image-guidance-scale", type=float, default=None, help=guidance_help)
     parser.add_argument("--seed", type=int, default=None, help="random seed")
-    parser.add_argument("--segmenter", default=None, help="segmenter where no mask is given (default: grabcut)")
+    segmenter_help = "segmenter where no mask is given: grabcut (default), background-difference or transformers"
+    parser.add_argument("--segmenter", default=None, help=segmenter_help)
+    model_help = "local transformers image-segmentation model folder, for --segmenter transformers"
+    parser.add_argument("--segmenter-model", default=None, metavar="DIR", help=model_help)
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written video")
     parser.add_argument("--out", required=True, help="output video, .mp4 (H.264) or .gif")
 
@@ -552,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         args.func(args)
     except MagDiffInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -330,7 +330,11 @@ class TransformersMaskSegmenter:
 
             try:
                 self._pipeline = pipeline(
-                    "image-segmentation", model=str(self.model_path), device=self.device, local_files_only=True
+                    "image-segmentation",
+                    model=str(self.model_path),
+                    device=self.device,
+                    local_files_only=True,
+                    model_kwargs={"use_safetensors": True},  # never unpickle a .bin
                 )
             except (OSError, ValueError, KeyError, RuntimeError) as error:
                 raise MagDiffInputError(

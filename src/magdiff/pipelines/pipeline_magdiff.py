@@ -13,6 +13,7 @@ and HFA latents. An optional image guidance scale adds a third branch with empty
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -299,6 +300,7 @@ class MagDiffPipeline(DiffusionPipeline):
         num_inference_steps: int,
         guidance_scale: float,
         callback_on_step_end_tensor_inputs: Sequence[str],
+        image_guidance_scale: float | None = None,
     ) -> None:
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
             raise MagDiffInputError("`prompt` must be a string or a non-empty list of strings.")
@@ -321,8 +323,12 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if num_inference_steps < 1:
             raise MagDiffInputError(f"`num_inference_steps` must be at least 1, got {num_inference_steps}.")
-        if guidance_scale < 0:
-            raise MagDiffInputError(f"`guidance_scale` must be >= 0, got {guidance_scale}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise MagDiffInputError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale}.")
+        if image_guidance_scale is not None and (not math.isfinite(image_guidance_scale) or image_guidance_scale < 0):
+            raise MagDiffInputError(
+                f"`image_guidance_scale` must be a finite number >= 0 or None, got {image_guidance_scale}."
+            )
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise MagDiffInputError(
@@ -683,6 +689,7 @@ class MagDiffPipeline(DiffusionPipeline):
             num_inference_steps,
             guidance_scale,
             callback_on_step_end_tensor_inputs,
+            image_guidance_scale=image_guidance_scale,
         )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]

@@ -1,0 +1,97 @@
+"""Checks of the ``magdiff`` command's arguments, run before anything is loaded or computed.
+
+Every message names the flag the user typed (``--steps``), not the library argument behind it
+(``num_inference_steps``). :func:`check_arguments` needs nothing but the parsed arguments; :func:`check_against_model`
+runs once the pipeline is loaded and checks what only the model knows (its longest video, its size factor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING
+
+from .errors import MagDiffInputError
+
+if TYPE_CHECKING:
+    from .pipelines.pipeline_magdiff import MagDiffPipeline
+
+__all__ = ["check_against_model", "check_arguments", "flag"]
+
+#: Options that must be at least 1 wherever a command has them (``None``: the option was not given).
+POSITIVE_INTEGERS = frozenset(
+    {"num_frames", "steps", "fps", "height", "width", "num_samples", "resolution", "batch_size", "is_splits"}
+)
+#: Options that must be at least 0.
+NON_NEGATIVE = frozenset(
+    {"guidance_scale", "image_guidance_scale", "first_sample", "user_style", "held_out", "made_up_subjects"}
+)
+#: Options that must be above 0.
+POSITIVE_NUMBERS = frozenset({"learning_rate", "max_steps"})
+
+
+def flag(dest: str) -> str:
+    """The command-line spelling of an argument: ``num_frames`` -> ``--num-frames``."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every numeric option finite and in its range, before any work.
+
+    Raises:
+        MagDiffInputError: NaN or an infinite number in any option, or a count or scale out of its range.
+    """
+    for dest, value in vars(args).items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise MagDiffInputError(f"{flag(dest)} {value}: give a finite number.")
+        if dest in POSITIVE_INTEGERS and value < 1:
+            raise MagDiffInputError(f"{flag(dest)} {value}: must be at least 1.")
+        if dest in NON_NEGATIVE and value < 0:
+            raise MagDiffInputError(f"{flag(dest)} {value}: must be 0 or more.")
+        if dest in POSITIVE_NUMBERS and value <= 0:
+            raise MagDiffInputError(f"{flag(dest)} {value}: must be above 0.")
+    if getattr(args, "invert", False) and getattr(args, "scheduler", "default") not in ("default", "ddim"):
+        raise MagDiffInputError(f"--invert needs the DDIM sampler, not --scheduler {args.scheduler}; use ddim.")
+
+
+def check_against_model(args: argparse.Namespace, pipeline: MagDiffPipeline, num_frames: int | None) -> None:
+    """What only the loaded model decides: the frame count, the size factor and, with ``--invert``, the sampler.
+
+    Raises:
+        MagDiffInputError: more frames than the model's motion modules take, a size that is not a multiple of the
+            VAE's factor, or ``--invert`` with a sampler that cannot be inverted.
+    """
+    if num_frames is not None and num_frames > pipeline.max_num_frames:
+        raise MagDiffInputError(
+            f"--num-frames {num_frames} is more than this model supports ({pipeline.max_num_frames}); ask for fewer "
+            "frames."
+        )
+    factor = pipeline.vae_scale_factor
+    for dest in ("height", "width"):
+        value = getattr(args, dest, None)
+        if value is not None and value % factor:
+            raise MagDiffInputError(f"{flag(dest)} {value}: must be a multiple of {factor} for this model.")
+    if getattr(args, "invert", False):
+        from .inversion import check_invertible
+
+        check_invertible(pipeline.scheduler)
+
+
+def check_input_file(path: str, option: str) -> None:
+    """An input file named by ``option`` exists, is a file and, for images, decodes, before any model loads.
+
+    Raises:
+        MagDiffInputError: the path is missing or a folder, or the image does not decode.
+    """
+    from pathlib import Path
+
+    from .media import load_image
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MagDiffInputError(f"{option} {str(p)!r} does not exist; check the path.")
+    if p.is_dir():
+        raise MagDiffInputError(f"{option} {str(p)!r} is a folder; give the file itself.")
+    load_image(p)
