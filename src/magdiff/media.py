@@ -54,6 +54,7 @@ __all__ = [
     "save_image",
     "save_video",
     "tensor_to_uint8",
+    "to_rgb",
 ]
 
 #: Suffixes recognised as still images (subject images, mask files, frame folders).
@@ -111,9 +112,40 @@ def _list_image_files(folder: Path) -> list[Path]:
     return sorted(files, key=natural_sort_key)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode as 8-bit RGB, scaling deeper images instead of clipping them.
+
+    ``convert("RGB")`` clips 16-bit and 32-bit greyscale to 255 (white). Here ``I;16`` is scaled from 0..65535;
+    ``I`` (32-bit integers) from 0..65535 when any value is above 255, else it is taken as 8-bit; ``F`` (float) from
+    0..1 when no value is above 1, else like ``I``. Negative and NaN values become 0. Every other mode (``L``, ``LA``,
+    ``P``, ``CMYK``, ``RGBA``, ...) goes through Pillow's own conversion (alpha dropped).
+
+    Raises:
+        MagDiffInputError: a mode Pillow cannot convert to RGB.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = float(values.max(initial=0.0))
+        if image.mode.startswith("I;16") or peak > 255.0:
+            scale = 255.0 / 65535.0
+        elif image.mode == "F" and peak <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise MagDiffInputError(f"cannot convert an image of mode {image.mode} to RGB ({error}).") from error
+
+
 def image_to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """RGB PIL image or uint8 ``(H, W, 3)`` array -> float32 ``(3, H, W)`` tensor in ``[-1, 1]``."""
-    array = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    """RGB PIL image (other modes: :func:`to_rgb`) or uint8 ``(H, W, 3)`` array -> float32 ``(3, H, W)`` tensor
+    in ``[-1, 1]``."""
+    array = np.asarray(to_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise MagDiffInputError(
             f"expected an RGB image as a uint8 (H, W, 3) array, got dtype {array.dtype} and shape {array.shape}."
@@ -179,6 +211,8 @@ def _mask_from_image(image: Image.Image) -> np.ndarray:
         array = np.asarray(image)
         if array.max() > 255:
             return array > 32767
+    if image.mode == "F":  # float greyscale: scaled like a subject image (convert("L") truncates 0..1 to 0)
+        image = to_rgb(image)
     luminance = np.asarray(image.convert("L"))
     if luminance.max() == 1:
         return luminance == 1
@@ -274,7 +308,7 @@ def load_subject(
             from magdiff.segmentation import default_segmenter
 
             segmenter = default_segmenter()
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = np.asarray(to_rgb(image))
         mask = np.asarray(segmenter(rgb))
         if mask.shape != rgb.shape[:2]:
             raise MagDiffInputError(
@@ -295,7 +329,7 @@ def load_subject(
             "subject (white mask pixels or opaque alpha = subject)."
         )
 
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = np.asarray(to_rgb(image))
     resized_mask = _resize_mask(mask, target)
     if not resized_mask.any():
         raise MagDiffInputError(

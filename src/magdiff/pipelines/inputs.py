@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import MagDiffInputError
 from ..media import image_to_tensor as pil_to_tensor
+from ..media import to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor
 VideoInput = torch.Tensor | np.ndarray | Sequence[PIL.Image.Image]
@@ -19,7 +20,7 @@ VideoInput = torch.Tensor | np.ndarray | Sequence[PIL.Image.Image]
 def image_to_tensor(image: ImageInput, size: tuple[int, int], name: str = "image") -> torch.Tensor:
     """PIL / uint8 array (H, W, 3) / tensor (3, H, W) in [-1, 1] -> (3, *size) float tensor in [-1, 1]."""
     if isinstance(image, PIL.Image.Image):
-        return pil_to_tensor(image.convert("RGB").resize((size[1], size[0]), PIL.Image.BICUBIC))
+        return pil_to_tensor(to_rgb(image).resize((size[1], size[0]), PIL.Image.BICUBIC))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise MagDiffInputError(f"`{name}` as an array must be (H, W, 3) uint8, got shape {image.shape}.")

@@ -33,6 +33,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, CLIPVisi
 
 from ..errors import MagDiffInputError, PromptTruncatedWarning
 from ..inversion import check_invertible, ddim_invert
+from ..media import to_rgb
 from ..models.hfa import pyramid_sizes
 from ..models.trajectory import TrajectoryPredictor, trajectory_to_pixels
 from ..models.unet import MagDiffUNetModel, SubjectConditioning
@@ -478,7 +479,7 @@ class MagDiffPipeline(DiffusionPipeline):
 
         segmenter = segmenter or default_segmenter()
         if isinstance(image, PIL.Image.Image):
-            array = np.asarray(image.convert("RGB"))
+            array = np.asarray(to_rgb(image))
         elif isinstance(image, torch.Tensor):
             array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         else:
