@@ -382,7 +382,7 @@ class ClipEmbedder:
                 "need a full CLIP model with both towers (a CLIP vision encoder alone has no text embeddings)."
             )
         try:
-            model = CLIPModel.from_pretrained(folder, local_files_only=True)
+            model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
             processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise MagDiffInputError(
@@ -439,9 +439,11 @@ class DinoEmbedder:
             )
         try:
             if model_type == "vit":  # DINO checkpoints have no pooler: do not build a random one
-                model = ViTModel.from_pretrained(folder, add_pooling_layer=False, local_files_only=True)
+                model = ViTModel.from_pretrained(
+                    folder, add_pooling_layer=False, local_files_only=True, use_safetensors=True
+                )
             else:
-                model = AutoModel.from_pretrained(folder, local_files_only=True)
+                model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise MagDiffInputError(

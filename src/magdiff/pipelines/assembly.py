@@ -19,6 +19,7 @@ from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 from transformers import CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
+from ..loading import model_load_errors
 from ..models.unet import MagDiffUNetModel
 from .pipeline_magdiff import MagDiffPipeline
 
@@ -95,19 +96,23 @@ def assemble_magdiff(
     if ip_adapter is not None:  # checked before anything heavy is loaded
         ip_source = _split_weight_path(str(ip_adapter), ip_adapter_subfolder, ip_adapter_weight_name)
 
-    adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=torch_dtype, use_safetensors=True)
-    base = AnimateDiffPipeline.from_pretrained(
-        str(base_model), motion_adapter=adapter, dtype=torch_dtype, use_safetensors=True
-    )
+    with model_load_errors("motion adapter", motion_adapter):
+        adapter = MotionAdapter.from_pretrained(str(motion_adapter), dtype=torch_dtype, use_safetensors=True)
+    with model_load_errors("base model", base_model):
+        base = AnimateDiffPipeline.from_pretrained(
+            str(base_model), motion_adapter=adapter, dtype=torch_dtype, use_safetensors=True
+        )
     encoder_kwargs = {"subfolder": image_encoder_subfolder} if image_encoder_subfolder else {}
-    encoder = CLIPVisionModelWithProjection.from_pretrained(
-        str(image_encoder), dtype=torch_dtype, use_safetensors=True, **encoder_kwargs
-    )
+    with model_load_errors("image encoder", image_encoder):
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            str(image_encoder), dtype=torch_dtype, use_safetensors=True, **encoder_kwargs
+        )
 
     if ip_source is not None:
         folder, subfolder, weight_name = ip_source
         # diffusers' own loader converts the original IP-Adapter layout; MagDiff then takes its weights over.
-        base.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None)
+        with model_load_errors("IP-Adapter", Path(folder, subfolder, weight_name)):
+            base.load_ip_adapter(folder, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=None)
         hidden = base.unet.encoder_hid_proj.image_projection_layers[0].proj_in.in_features
         if hidden != encoder.config.hidden_size:
             raise MagDiffInputError(

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MagDiffInputError
+from ..loading import model_load_errors
 from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from ..sda import draw_slot_filling
@@ -191,7 +192,8 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
     if config.model is not None:
         if not (Path(config.model) / "model_index.json").is_file():
             raise MagDiffInputError(f"model={config.model} is not a MagDiff pipeline folder (no model_index.json).")
-        pipeline = MagDiffPipeline.from_pretrained(config.model, use_safetensors=True)
+        with model_load_errors("model", config.model):
+            pipeline = MagDiffPipeline.from_pretrained(config.model, use_safetensors=True)
         changes: dict[str, Any] = {}
         if config.new_subject_parts:
             changes.update(apa=config.apa, hfa=config.hfa)
