@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,39 @@ class TrainConfig:
     """Free-form notes stored with the run (never read by the trainer)."""
 
     def validate(self) -> TrainConfig:
+        """Every value of the right type and in its range, so a bad config stops when it is loaded, before any work.
+
+        Raises:
+            MagDiffInputError: a value of the wrong type (``max_steps: abc``), NaN or infinite, or out of its range.
+        """
+        kinds = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
+        for name, declared in ((f.name, str(f.type)) for f in dataclasses.fields(self)):
+            value = getattr(self, name)
+            allowed = [part.strip() for part in declared.split("|")]
+            if value is None and "None" in allowed:
+                continue
+            kind = next(part for part in allowed if part != "None")
+            if kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif kind == "str":
+                ok = isinstance(value, str)
+            elif kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind.startswith("tuple[int"):
+                ok = isinstance(value, (tuple, list)) and all(
+                    isinstance(item, int) and not isinstance(item, bool) for item in value
+                )
+                kinds[kind] = "a list of integers"
+            else:
+                ok = isinstance(value, dict)
+                kinds[kind] = "a mapping"
+            if not ok:
+                nullable = " or null" if "None" in allowed else ""
+                raise MagDiffInputError(
+                    f"Invalid training config: {name} must be {kinds[kind]}{nullable}, got {value!r}."
+                )
         checks = [
             (self.num_frames >= 1, "num_frames must be >= 1"),
             (self.resolution > 0, "resolution must be positive"),
@@ -148,6 +183,24 @@ class TrainConfig:
             (self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must be in (0, 1) or null"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
+            (self.validate_every >= 1, "validate_every must be >= 1 (a value above max_steps never validates)"),
+            (self.num_train_samples >= 1, "num_train_samples must be >= 1"),
+            (self.num_validation_samples >= 1, "num_validation_samples must be >= 1"),
+            (self.validation_inference_steps >= 1, "validation_inference_steps must be >= 1"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (
+                self.text_encoder_learning_rate is None or self.text_encoder_learning_rate > 0,
+                "text_encoder_learning_rate must be positive or null",
+            ),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (
+                0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+                "adam_beta1 and adam_beta2 must be in [0, 1)",
+            ),
+            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
+            (len(self.unet_channels) >= 1 and min(self.unet_channels) >= 1, "unet_channels must be positive integers"),
+            (self.seed >= 0, "seed must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -162,9 +215,17 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _yaml_word(key: str, value: Any) -> Any:
-    """YAML 1.1 reads ``off``/``on`` (and ``no``/``yes``) as booleans; a text option (``hfa: off``) means the word."""
+    """YAML 1.1 reads ``off``/``on`` (and ``no``/``yes``) as booleans; a text option (``hfa: off``) means the word.
+    It also reads ``1e-4`` as text; a number option means the number."""
     if isinstance(value, bool) and _FIELDS[key].type == "str":
         return "on" if value else "off"
+    if isinstance(value, os.PathLike) and str(_FIELDS[key].type).startswith("str"):
+        return os.fspath(value)  # a folder given as a Path (the library's callers)
+    if isinstance(value, str) and str(_FIELDS[key].type).startswith("float"):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as text; a number written so means the number (validate checks it)
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 
