@@ -2,15 +2,21 @@
 
 A checkpoint is a folder ``step_000500/`` holding ``unet.safetensors`` (the full U-Net state), ``optimizer.safetensors``
 (every optimiser state tensor; param groups as JSON metadata), ``ema.safetensors`` (when EMA is on) and
-``state.json`` (step, LR-scheduler state, config). Folders are written to a temporary name and renamed into place,
-and only the last ``keep`` are kept.
+``state.json`` (step, LR-scheduler state, config). Folders are written to a hidden staging name, flushed to disk
+(``fsync`` of every file and folder) and renamed into place, and only the last ``keep`` are kept. Re-saving a step
+swaps the new folder with the old one in one atomic exchange where the system has it (Linux), so there is always a
+complete checkpoint of that step; staging folders a killed run left behind are removed on the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +31,8 @@ from torch import nn
 from ..errors import MagDiffInputError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^\.step_(\d+)\.(.+)$")
+_REPLACED = "replaced"
 
 
 class ExponentialMovingAverage:
@@ -85,20 +93,99 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or (on POSIX) a folder's entries to disk."""
+    if path.is_dir() and os.name != "posix":
+        return  # folders cannot be opened for fsync on Windows
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file under ``folder``, then every folder bottom-up, so the tree survives a power loss once renamed."""
+    for parent, _folders, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(parent, name))
+        _fsync(Path(parent))
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the system or
+    the file system cannot, and nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+def _commit(staging: Path, final: Path) -> None:
+    """Put the complete ``staging`` folder at ``final``. An existing ``final`` is exchanged with it atomically, or,
+    where the system cannot, moved aside to ``.step_N.replaced`` first and put back if the move in fails (a crash
+    between the two renames leaves it there, and :func:`clean_checkpoint_folder` puts it back)."""
+    if not final.exists():
+        staging.rename(final)
+        return
+    if _exchange(staging, final):
+        shutil.rmtree(staging)  # now the old checkpoint
+        return
+    replaced = final.with_name(f".{final.name}.{_REPLACED}")
+    shutil.rmtree(replaced, ignore_errors=True)
+    final.rename(replaced)
+    try:
+        staging.rename(final)
+    except BaseException:
+        replaced.rename(final)
+        raise
+    shutil.rmtree(replaced)
+
+
+def clean_checkpoint_folder(directory: str | Path) -> list[Path]:
+    """Undo what a killed or crashed save left in ``directory``: an old checkpoint moved aside for a re-save whose
+    new folder never arrived is put back; other staging folders (``.step_*``) are removed. Returns the removed
+    folders. The trainers call it before they write."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        match = _STAGING_DIR.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        final = root / f"step_{match.group(1)}"
+        if match.group(2) == _REPLACED and not final.exists():
+            path.rename(final)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextmanager
 def staged_checkpoint(directory: str | Path, step: int, keep: int) -> Iterator[Path]:
-    """Write a checkpoint folder atomically: the body fills the staging folder it is given; on success it is renamed
-    to ``directory/step_XXXXXX`` and all but the newest ``keep`` checkpoints are pruned; on any error (or an
-    interrupt) the staging folder is removed and the error goes on. Every trainer of the project writes through it."""
+    """Write a checkpoint folder atomically: the body fills the staging folder it is given; on success it is flushed
+    to disk, put at ``directory/step_XXXXXX`` (:func:`_commit`: a re-saved step is never missing) and all but the
+    newest ``keep`` checkpoints are pruned; on any error (or an interrupt) the staging folder is removed and the
+    error goes on. Staging folders of an earlier killed run are removed first. Every trainer of the project writes
+    through it."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
+    clean_checkpoint_folder(root)
     final = root / f"step_{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
     try:
         yield staging
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        _fsync_tree(staging)
+        _commit(staging, final)
+        _fsync(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

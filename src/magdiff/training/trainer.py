@@ -36,10 +36,17 @@ from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from ..sda import draw_slot_filling
 from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
-from .checkpoint import ExponentialMovingAverage, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (
+    ExponentialMovingAverage,
+    clean_checkpoint_folder,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import TrainConfig
 
 LOG_FILE = "train_log.jsonl"
+VALIDATION_LOG_FILE = "validation_log.jsonl"
 
 
 @dataclasses.dataclass
@@ -283,6 +290,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        clean_checkpoint_folder(output_dir / "checkpoints")  # what a killed save left behind
     torch.manual_seed(config.seed)
 
     # 1. Model and frozen components; the cache of encoded clips
@@ -330,6 +338,9 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         start_step = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)["step"]
         if accelerator.is_main_process:
             print(f"resumed from {checkpoint} (step {start_step})")
+    if accelerator.is_main_process:  # the logs describe the steps behind these weights: no step twice
+        for name in (LOG_FILE, VALIDATION_LOG_FILE):
+            drop_records_after(output_dir / name, start_step)
     model, optimizer = accelerator.prepare(trained, optimizer)
 
     # 4. The loop
@@ -424,6 +435,31 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     return export_dir
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep the records of a JSONL log up to ``step`` (a run resumed from step N re-runs the steps after N, and
+    appends their records again); a record without a step (the end of a run's weight checksums) belongs to the
+    step before it. The file is replaced atomically, and left alone when nothing is dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    record_step = 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when a run was killed while writing it
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            record_step = record["step"]
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(kept))
+    os.replace(partial, path)
+
+
 def weights_checksum(module: torch.nn.Module) -> float:
     """An order-sensitive checksum of every parameter (equal weights -> equal checksum)."""
     total = torch.zeros((), dtype=torch.float64)
@@ -503,7 +539,7 @@ def validate(
             progress=False,
         )
         record = {"step": step, "validation": results}
-        with (output_dir / "validation_log.jsonl").open("a") as handle:
+        with (output_dir / VALIDATION_LOG_FILE).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         summary = ", ".join(f"{k}={v:.3f}" for k, v in results.items() if isinstance(v, float) and not math.isnan(v))
         tqdm.write(f"validation @ {step}: {summary}")
