@@ -201,3 +201,25 @@ def test_bad_input_gets_one_clear_error(tiny_pipeline):
     one_empty[1] = 0
     with pytest.raises(MagDiffInputError, match="frame 1 is empty"):
         _run(tiny_pipeline, video=video, video_masks=one_empty, num_frames=3)
+
+
+def test_crop_view_feeds_the_image_encoder_a_square_around_the_subject(tiny_pipeline):
+    from magdiff.models.unet import MagDiffUNetModel
+    from magdiff.sda import subject_crops
+
+    slots = torch.full((2, 3, 32, 32), -1.0)
+    slots[0, :, 4:10, 20:26] = torch.tensor([0.8, -0.2, 0.1]).view(3, 1, 1)
+    filled = torch.tensor([True, False])
+    slot_view, slot_latents = tiny_pipeline.encode_subject_slots(slots, filled, (32, 32))
+    tiny_pipeline.unet = MagDiffUNetModel.extended(tiny_pipeline.unet, image_encoder_view="crop")
+    crop_view, crop_latents = tiny_pipeline.encode_subject_slots(slots, filled, (32, 32))
+    size = tiny_pipeline.image_encoder.config.image_size
+    pixels = tiny_pipeline._clip_pixels(subject_crops(slots[:1], size))
+    expected = tiny_pipeline.image_encoder(pixels, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(crop_view[0, 0], expected[0])
+    assert not torch.allclose(crop_view[0, 0], slot_view[0, 0], atol=1e-3)  # another view of the subject
+    torch.testing.assert_close(crop_view[0, 1], slot_view[0, 1])  # empty slots: the same empty image
+    for crop_level, slot_level in zip(crop_latents, slot_latents):  # HFA reads the slot as it is
+        torch.testing.assert_close(crop_level, slot_level)
+    with pytest.raises(ValueError, match="image_encoder_view"):
+        MagDiffUNetModel.extended(tiny_pipeline.unet, image_encoder_view="zoom")

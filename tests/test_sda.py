@@ -13,6 +13,7 @@ from magdiff.sda import (
     empty_slots,
     generation_slots,
     random_slot_filling,
+    subject_crops,
 )
 
 F, H, W = 6, 16, 20
@@ -179,3 +180,20 @@ def test_random_slot_filling_edge_cases_and_validation() -> None:
         random_slot_filling(frames, masks, generator, p_all=0.1, p_subset=-0.1)
     with pytest.raises(MagDiffInputError, match="masks for"):
         random_slot_filling(frames, masks[:3], generator)
+
+
+def test_subject_crops_centre_and_fill_the_view_with_the_subject() -> None:
+    slots = torch.full((3, 3, 64, 64), -1.0)
+    slots[0, :, 10:20, 30:40] = 0.5  # a 10 px square: a 12 px box around it (12.5% margin each side), resized
+    slots[1, :, 0:8, 56:64] = 0.25  # in a corner: the square runs off the frame and is padded with black
+    crops = subject_crops(slots, 24)
+    assert crops.shape == (3, 3, 24, 24)
+    inside = crops[0, 0] > 0.0
+    rows, cols = torch.nonzero(inside.any(1)).flatten(), torch.nonzero(inside.any(0)).flatten()
+    assert 18 <= rows.numel() <= 22 and 18 <= cols.numel() <= 22  # 10 of 12 px -> ~20 of 24
+    assert abs((rows.float().mean() - 11.5).item()) < 1.0 and abs((cols.float().mean() - 11.5).item()) < 1.0
+    assert torch.allclose(crops[0, :, 12, 12], torch.tensor(0.5), atol=1e-3)
+    assert (crops[1, 0] > 0.0).float().mean() > 0.4 and crops[1].min() >= -1.0
+    assert torch.equal(crops[2], torch.full((3, 24, 24), -1.0))  # an empty slot stays empty
+    with pytest.raises(MagDiffInputError):
+        subject_crops(slots[0], 24)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from magdiff.errors import MagDiffInputError
 
@@ -34,6 +35,7 @@ __all__ = [
     "fit_path_to_frame",
     "generation_slots",
     "random_slot_filling",
+    "subject_crops",
     "trajectory_slots",
 ]
 
@@ -102,6 +104,47 @@ def empty_slots(
             f"num_frames, height and width must be positive, got {num_frames}, {height} and {width}."
         )
     return torch.full((num_frames, 3, height, width), EMPTY_VALUE, dtype=dtype, device=device)
+
+
+def subject_crops(slots: torch.Tensor, size: int, margin: float = 0.125) -> torch.Tensor:
+    """Each slot's cut-out cropped to a square around what it holds and resized to ``size``: the view of the subject
+    that an image encoder reads (as a user's photo of a subject fills the picture), whatever its size and place in
+    the frame.
+
+    The square is centred on the bounding box of the slot's non-black pixels, its side the box's longer side plus
+    ``margin`` of it on each side (at least 4 px); outside the slot it is black. A slot with no such pixel (empty, or
+    a subject that is itself pure black) gives an empty view.
+
+    Args:
+        slots: ``(n, 3, H, W)`` in ``[-1, 1]``, black (-1) outside what each slot holds.
+        size: side of the returned crops.
+        margin: share of the box's longer side added on each side.
+
+    Returns:
+        ``(n, 3, size, size)`` crops in ``[-1, 1]``.
+    """
+    if slots.ndim != 4 or slots.shape[1] != 3:
+        raise MagDiffInputError(f"slots must be (n, 3, H, W), got {tuple(slots.shape)}.")
+    height, width = slots.shape[-2:]
+    crops = []
+    for slot in slots:
+        occupied = (slot > EMPTY_VALUE + 1e-3).any(dim=0)
+        rows, cols = torch.nonzero(occupied.any(dim=1)).flatten(), torch.nonzero(occupied.any(dim=0)).flatten()
+        if rows.numel() == 0:  # nothing to centre on: an empty view
+            crops.append(torch.full((3, size, size), EMPTY_VALUE, dtype=slot.dtype, device=slot.device))
+            continue
+        top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        side = max(4, round(max(bottom - top, right - left) * (1.0 + 2.0 * margin)))
+        y0 = (top + bottom - side) // 2
+        x0 = (left + right - side) // 2
+        pad = (max(0, -x0), max(0, x0 + side - width), max(0, -y0), max(0, y0 + side - height))
+        padded = F.pad(slot, pad, value=EMPTY_VALUE)
+        y0, x0 = y0 + pad[2], x0 + pad[0]
+        view = padded[:, y0 : y0 + side, x0 : x0 + side]
+        if tuple(view.shape[-2:]) != (size, size):
+            view = F.interpolate(view[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+        crops.append(view.clamp(-1.0, 1.0))
+    return torch.stack(crops)
 
 
 def generation_slots(

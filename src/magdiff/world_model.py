@@ -180,6 +180,7 @@ def world_unet(
     first_frame_attention: bool = False,
     attention_head_dim: int = 32,
     latent_channels: int = 4,
+    image_encoder_view: str = "slot",
 ) -> MagDiffUNetModel:
     """A from-scratch MagDiff U-Net: cross-attention in every block but the deepest, motion modules everywhere,
     spatial attention heads ``attention_head_dim`` wide, for a VAE with ``latent_channels``."""
@@ -213,6 +214,7 @@ def world_unet(
         resampler_dim_head=64,
         text_time_conditioning=text_time_conditioning,
         first_frame_attention=first_frame_attention,
+        image_encoder_view=image_encoder_view,
     )
     # From scratch there is no base to preserve: let the HFA channels of conv_in start small but non-zero so the
     # subject latents get a gradient from the first step.

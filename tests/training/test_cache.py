@@ -173,3 +173,12 @@ def test_a_world_generator_change_is_seen(monkeypatch):
 
     monkeypatch.setattr(WorldDataset, "__getitem__", other_captions)
     assert data_digest("world", 2, dataset) != before
+
+
+def test_the_image_encoder_view_is_part_of_the_fingerprint():
+    from magdiff.models.unet import MagDiffUNetModel
+
+    pipeline = _pipeline()
+    before = _print(pipeline)
+    pipeline.unet = MagDiffUNetModel.extended(pipeline.unet, image_encoder_view="crop")
+    assert _print(pipeline) != before  # the cached image tokens come from another view of the subject

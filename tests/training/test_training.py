@@ -406,3 +406,28 @@ def test_attention_head_width_of_a_new_model(tmp_path):
         attention_heads((16, 32), 12)
     with pytest.raises(MagDiffInputError, match="attention_head_dim must be >= 1"):
         config_from_dict({"attention_head_dim": 0})
+
+
+def test_second_stage_builds_new_subject_parts_for_another_image_encoder_and_view(tmp_path, saved_tiny_model):
+    from magdiff.tiny import tiny_image_encoder
+
+    tower = tiny_image_encoder(seed=7)
+    tower.save_pretrained(tmp_path / "tower", safe_serialization=True)
+    values = {
+        "model": str(saved_tiny_model),
+        "new_subject_parts": True,
+        "image_encoder_view": "crop",
+        "image_encoder": str(tmp_path / "tower"),
+    }
+    pipeline = build_pipeline(config_from_dict(values, get_preset("world-tiny")))
+    assert pipeline.unet.config.image_encoder_view == "crop"
+    for name, value in tower.state_dict().items():
+        assert torch.equal(pipeline.image_encoder.state_dict()[name], value), name
+    base = MagDiffPipeline.from_pretrained(saved_tiny_model)
+    assert torch.equal(pipeline.unet.conv_out.weight, base.unet.conv_out.weight)  # the base's weights are kept
+    with pytest.raises(MagDiffInputError, match="new_subject_parts"):
+        config_from_dict({"model": str(saved_tiny_model), "image_encoder_view": "crop"}, get_preset("world-tiny"))
+    with pytest.raises(MagDiffInputError, match="image_encoder needs"):
+        config_from_dict({"model": str(saved_tiny_model), "image_encoder": "x"}, get_preset("world-tiny"))
+    with pytest.raises(MagDiffInputError, match="image_encoder_view must"):
+        config_from_dict({"image_encoder_view": "zoom"}, get_preset("world-tiny"))

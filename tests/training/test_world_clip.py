@@ -206,3 +206,28 @@ def test_packaged_towers_are_small_clip_towers_that_retrieve_every_attribute(tok
         ]
         scores = world_clip._score(world_clip._encode_captions(model, tokenizer, captions), clip)[:, 0]
         assert world_clip.DOMAINS["background"][int(scores.argmax())] == meta["background"]
+
+
+def test_crop_view_run_from_exported_towers_keeps_the_text_tokens(tmp_path, tokenizer) -> None:
+    torch.manual_seed(0)
+    first = train_world_clip(WorldClipConfig.from_dict(TINY), tmp_path / "a")
+    exported = export_towers(first, tokenizer, tmp_path / "clip", {})
+    config = WorldClipConfig.from_dict(
+        {**TINY, "init_from": str(exported), "train_text": "projection", "subject_view": "crop", "learning_rate": 1e-2}
+    )
+    second = train_world_clip(config, tmp_path / "b")
+    before, after = first.state_dict(), second.state_dict()
+    body = [k for k in before if k.startswith("text.text_model.")]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)  # the tokens a U-Net reads stay the same
+    assert not torch.equal(before["text.text_projection.weight"], after["text.text_projection.weight"])
+    assert sum(not torch.equal(before[k], after[k]) for k in before if k.startswith("vision.")) > 5
+    # The crop view fills the image with the subject; the slot view is mostly black.
+    slots = make_sample(3)["subject_slots"][:1]
+    assert (second.subject_pixels(slots) > clip_pixels(torch.full_like(slots, -1.0)) + 0.1).float().mean() > 0.3
+    assert (first.subject_pixels(slots) > clip_pixels(torch.full_like(slots, -1.0)) + 0.1).float().mean() < 0.15
+    with pytest.raises(MagDiffInputError, match="init_from"):
+        WorldClipConfig.from_dict({**TINY, "train_text": "projection"})
+    with pytest.raises(MagDiffInputError, match="sizes"):
+        world_clip.build_model(
+            WorldClipConfig.from_dict({**TINY, "text_dim": 32, "init_from": str(exported)}), tokenizer
+        )

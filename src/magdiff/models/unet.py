@@ -31,8 +31,12 @@ from .attention import APA_MODES, APAAttnProcessor
 from .first_frame import FirstFrameAttention
 from .hfa import HFA_MODES, HFAPyramidFusion
 
+#: What the image encoder reads of each subject slot (``MagDiffUNetModel``'s ``image_encoder_view``).
+IMAGE_ENCODER_VIEWS = ("slot", "crop")
+
 # diffusers' pipeline loader looks the base class up in the component's module to find its loading method.
 __all__ = [
+    "IMAGE_ENCODER_VIEWS",
     "MagDiffUNetModel",
     "ModelMixin",
     "SubjectConditioning",
@@ -116,6 +120,11 @@ class MagDiffUNetModel(UNetMotionModel):
             bias the prompt chooses (:class:`~magdiff.models.first_frame.FirstFrameAttention`, output
             zero-initialised; not in the paper): a way for the paper's slot-0-only generation to carry the subject
             along the direction the prompt names.
+        image_encoder_view: what the image encoder reads of each subject slot: ``"slot"`` (the slot as it is, the
+            subject at its place in the frame, as the paper's code does) or ``"crop"`` (a square around the subject,
+            resized to the encoder's input: :func:`~magdiff.sda.subject_crops`, the way a user's photo of a subject
+            fills the picture). HFA always reads the slot as it is. A pipeline setting stored here because the
+            Resampler was trained on one view.
     """
 
     @register_to_config
@@ -179,7 +188,10 @@ class MagDiffUNetModel(UNetMotionModel):
         resampler_dim_head: int = 64,
         text_time_conditioning: bool = False,
         first_frame_attention: bool = False,
+        image_encoder_view: str = "slot",
     ) -> None:
+        if image_encoder_view not in IMAGE_ENCODER_VIEWS:
+            raise ValueError(f"Unknown image_encoder_view {image_encoder_view!r}; choose one of {IMAGE_ENCODER_VIEWS}.")
         if apa not in APA_MODES:
             raise ValueError(f"Unknown apa mode {apa!r}; choose one of {APA_MODES}.")
         if hfa not in HFA_MODES:

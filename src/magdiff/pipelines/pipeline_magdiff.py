@@ -37,7 +37,7 @@ from ..media import to_rgb
 from ..models.hfa import pyramid_sizes
 from ..models.trajectory import TrajectoryPredictor, trajectory_to_pixels
 from ..models.unet import MagDiffUNetModel, SubjectConditioning
-from ..sda import editing_slots, empty_slots, fit_path_to_frame, generation_slots, trajectory_slots
+from ..sda import editing_slots, empty_slots, fit_path_to_frame, generation_slots, subject_crops, trajectory_slots
 from .inputs import (
     ImageInput,
     VideoInput,
@@ -254,7 +254,10 @@ class MagDiffPipeline(DiffusionPipeline):
         unique_images = torch.stack(unique).to(device)  # (u, 3, H, W)
 
         encoder_dtype = self.image_encoder.dtype
-        hidden = self.image_encoder(self._clip_pixels(unique_images).to(encoder_dtype), output_hidden_states=True)
+        viewed = unique_images
+        if self.unet.config.get("image_encoder_view", "slot") == "crop":
+            viewed = subject_crops(unique_images, self.image_encoder.config.image_size)
+        hidden = self.image_encoder(self._clip_pixels(viewed).to(encoder_dtype), output_hidden_states=True)
         embeds = hidden.hidden_states[self.unet.config.image_encoder_hidden_layer]  # (u, n, d)
         subject_embeds = embeds[slot_to_unique.to(device)][None]  # (1, F, n, d)
 

@@ -217,6 +217,9 @@ def fingerprint(
     ]
     if text_from_tokens:
         fields.append("token ids")
+    view = pipeline.unet.config.get("image_encoder_view", "slot")
+    if view != "slot":  # (only then: caches of the slot view keep their fingerprints)
+        fields.append(["image_encoder_view", view])
     modules = [pipeline.vae, pipeline.image_encoder] + ([] if text_from_tokens else [pipeline.text_encoder])
     fields += [weights_digest(module) for module in modules]
     digest.update(json.dumps(fields).encode())

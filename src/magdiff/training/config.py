@@ -103,6 +103,13 @@ class TrainConfig:
     heads (``None``: 32). Narrow heads let different heads read different words of the prompt: with one 32-wide head
     per level the first world model's cross-attention read only the background colour. Ignored with ``model``: a
     trained model keeps its heads (they are part of its weights)."""
+    image_encoder_view: str | None = None
+    """What the image encoder reads of each subject slot (``MagDiffUNetModel``): ``"slot"`` (the paper) or
+    ``"crop"`` (a square around the subject, resized). ``None``: ``"slot"`` for a new model, the model's with
+    ``model``. Changing a trained model's view needs ``new_subject_parts`` (its Resampler read the other view)."""
+    image_encoder: str | None = None
+    """With ``model`` and ``new_subject_parts``: a CLIP vision folder that replaces the model's image encoder (e.g. a
+    retrained world CLIP image tower); the subject parts are built anew for it."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs
@@ -177,6 +184,18 @@ class TrainConfig:
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
             (self.attention_head_dim is None or self.attention_head_dim >= 1, "attention_head_dim must be >= 1"),
             (not self.new_subject_parts or self.model is not None, "new_subject_parts needs model (the base)"),
+            (
+                self.image_encoder_view in (None, "slot", "crop"),
+                "image_encoder_view must be 'slot', 'crop' or null",
+            ),
+            (
+                self.model is None or self.new_subject_parts or self.image_encoder_view is None,
+                "image_encoder_view with model needs new_subject_parts (the Resampler read the model's view)",
+            ),
+            (
+                self.image_encoder is None or self.new_subject_parts,
+                "image_encoder needs model and new_subject_parts (the subject parts are built anew for it)",
+            ),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

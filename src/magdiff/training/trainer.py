@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import CLIPVisionModelWithProjection
 
 from ..errors import MagDiffInputError
 from ..loading import model_load_errors
@@ -204,6 +205,13 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         changes: dict[str, Any] = {}
         if config.new_subject_parts:
             changes.update(apa=config.apa, hfa=config.hfa)
+            if config.image_encoder_view is not None:
+                changes.update(image_encoder_view=config.image_encoder_view)
+            if config.image_encoder is not None:
+                with model_load_errors("image_encoder", config.image_encoder):
+                    pipeline.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                        config.image_encoder, use_safetensors=True
+                    )
         if changes:
             pipeline.unet = MagDiffUNetModel.from_magdiff_base(pipeline.unet, seed=config.seed, **changes)
         if config.first_frame_attention and not pipeline.unet.config.get("first_frame_attention", False):
@@ -224,6 +232,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         first_frame_attention=bool(config.first_frame_attention),
         latent_channels=components["vae"].config.latent_channels,
         attention_head_dim=config.attention_head_dim or 32,
+        image_encoder_view=config.image_encoder_view or "slot",
     )
     return MagDiffPipeline(unet=unet, **components)
 

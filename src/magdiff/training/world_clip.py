@@ -68,6 +68,7 @@ from ..data.world import (
     make_sample,
 )
 from ..errors import MagDiffInputError
+from ..sda import subject_crops
 from ..tokenization import ENGLISH_WORDS, load_world_tokenizer
 from .checkpoint import (
     optimizer_from_safetensors,
@@ -131,6 +132,16 @@ class WorldClipConfig:
     eval_clips: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    subject_view: str = "slot"
+    """What the image tower sees of a subject: ``"slot"`` (the cut-out at its place in the frame) or ``"crop"`` (a
+    square around it, resized: :func:`~magdiff.sda.subject_crops`, as a U-Net with ``image_encoder_view="crop"``
+    feeds it)."""
+    init_from: str | None = None
+    """An exported world CLIP (``text_encoder/``, ``image_encoder/``) whose towers start the run instead of fresh
+    ones (the same tower sizes)."""
+    train_text: str = "all"
+    """``"all"``, or ``"projection"``: the text transformer stays frozen and only its projection trains, so the text
+    tokens a U-Net reads (the last hidden state) stay exactly those of ``init_from``."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 2 or self.steps < 0 or self.learning_rate <= 0:
@@ -139,6 +150,12 @@ class WorldClipConfig:
             raise MagDiffInputError(f"hard_negatives must be in [0, {len(ATTRIBUTES)}], got {self.hard_negatives}.")
         if not 0 <= self.made_up_word_probability + self.unrelated_word_probability <= 1:
             raise MagDiffInputError("made_up_word_probability + unrelated_word_probability must be in [0, 1].")
+        if self.subject_view not in ("slot", "crop"):
+            raise MagDiffInputError(f"subject_view must be 'slot' or 'crop', got {self.subject_view!r}.")
+        if self.train_text not in ("all", "projection"):
+            raise MagDiffInputError(f"train_text must be 'all' or 'projection', got {self.train_text!r}.")
+        if self.train_text == "projection" and self.init_from is None:
+            raise MagDiffInputError("train_text='projection' keeps a trained text tower: set init_from.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> WorldClipConfig:
@@ -213,10 +230,13 @@ def build_towers(
 class WorldClip(nn.Module):
     """The two towers, the learned temperature and the training-only auxiliary heads."""
 
-    def __init__(self, text: CLIPTextModelWithProjection, vision: CLIPVisionModelWithProjection) -> None:
+    def __init__(
+        self, text: CLIPTextModelWithProjection, vision: CLIPVisionModelWithProjection, subject_view: str = "slot"
+    ) -> None:
         super().__init__()
         self.text = text
         self.vision = vision
+        self.subject_view = subject_view
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         text_dim, image_dim = text.config.hidden_size, vision.config.hidden_size
         # Text heads: one extra class for "not named". Image heads read the mean of every hidden token (what the
@@ -237,6 +257,12 @@ class WorldClip(nn.Module):
         first_eos = (input_ids == self.text.config.eos_token_id).int().argmax(-1)
         pooled = out.last_hidden_state[torch.arange(input_ids.shape[0]), first_eos]  # (b, c), CLIP's own pooling
         return F.normalize(subject, dim=-1), F.normalize(scene, dim=-1), pooled
+
+    def subject_pixels(self, slots: torch.Tensor) -> torch.Tensor:
+        """Subject slots (n, 3, H, W) in [-1, 1] -> the CLIP-normalised pixels of this model's ``subject_view``."""
+        if self.subject_view == "crop":
+            slots = subject_crops(slots, self.vision.config.image_size)
+        return clip_pixels(slots)
 
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-normalised pixels -> (unit embedding (n, p), mean hidden token of the last layer (n, c))."""
@@ -282,7 +308,7 @@ def _training_batch(config: WorldClipConfig, step: int) -> dict[str, Any]:
         sample = make_sample(int(seed), world)
         meta = sample["meta"]
         frame = int(rng.integers(meta["num_frames"]))
-        subject_views.append(sample["subject_slots"][frame])
+        subject_views.append(sample["subject_slots"][frame])  # the model's subject view is taken in the loss
         scene_views.append(scene_view(sample["frames"], sample["masks"]))
         labels = {name: meta[name] for name in ATTRIBUTES}
         clip_labels.append(labels)
@@ -350,7 +376,7 @@ def training_losses(
     if ids.shape[1] > model.text.config.max_position_embeddings:
         raise MagDiffInputError(f"A training caption has {ids.shape[1]} tokens, over the text tower's context.")
     text_subject, text_scene, text_pooled = model.encode_text(ids)
-    pixels = clip_pixels(torch.cat([batch["subject_views"], batch["scene_views"]]))
+    pixels = torch.cat([model.subject_pixels(batch["subject_views"]), clip_pixels(batch["scene_views"])])
     image_embeds, image_pooled = model.encode_image(pixels)
     image_subject, image_scene = image_embeds[:num_clips], image_embeds[num_clips:]
 
@@ -405,9 +431,9 @@ def _encode_clips(model: WorldClip, samples: Sequence[dict[str, Any]], batch: in
     chunks = []
     for start in range(0, len(samples), batch):
         part = samples[start : start + batch]
-        subject = torch.stack([s["subject_slots"][0] for s in part])
-        scene = torch.stack([scene_view(s["frames"], s["masks"]) for s in part])
-        embeds, _ = model.encode_image(clip_pixels(torch.cat([subject, scene])))
+        subject = model.subject_pixels(torch.stack([s["subject_slots"][0] for s in part]))
+        scene = clip_pixels(torch.stack([scene_view(s["frames"], s["masks"]) for s in part]))
+        embeds, _ = model.encode_image(torch.cat([subject, scene]))
         chunks.append(torch.stack([embeds[: len(part)], embeds[len(part) :]], dim=1))
     return torch.cat(chunks)
 
@@ -501,7 +527,7 @@ def probe_image_hidden_states(model: WorldClip, num_train: int = 1000, num_eval:
 
     def features(seeds: range) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         samples = [make_sample(seed) for seed in seeds]
-        pixels = clip_pixels(torch.stack([s["subject_slots"][0] for s in samples]))
+        pixels = model.subject_pixels(torch.stack([s["subject_slots"][0] for s in samples]))
         pooled = torch.cat([model.encode_image(pixels[i : i + 256])[1] for i in range(0, len(samples), 256)])
         return pooled, [s["meta"] for s in samples]
 
@@ -597,8 +623,28 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 
 
 def build_model(config: WorldClipConfig, tokenizer: Any) -> WorldClip:
+    """Fresh towers, or ``config.init_from``'s (which must have this config's sizes); the text transformer frozen
+    with ``train_text="projection"``."""
     text, vision = build_towers(config, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    return WorldClip(text, vision)
+    if config.init_from is not None:
+        source = Path(config.init_from)
+        if not (source / "text_encoder").is_dir() or not (source / "image_encoder").is_dir():
+            raise MagDiffInputError(
+                f"init_from {source} is not an exported world CLIP (text_encoder/, image_encoder/)."
+            )
+        for tower, name in ((text, "text_encoder"), (vision, "image_encoder")):
+            weights = source / name / "model.safetensors"
+            if not weights.is_file():
+                raise MagDiffInputError(f"init_from {source} has no {name}/model.safetensors.")
+            try:
+                tower.load_state_dict(load_file(str(weights)), strict=True)
+            except RuntimeError as error:
+                raise MagDiffInputError(
+                    f"init_from {source}: its {name} does not have this config's sizes ({error})."
+                ) from None
+    if config.train_text == "projection":
+        text.text_model.requires_grad_(False)
+    return WorldClip(text, vision, subject_view=config.subject_view)
 
 
 def train_world_clip(
