@@ -9,18 +9,22 @@ Conventions used throughout magdiff:
 Every problem with what the user supplied (missing file, corrupt file, wrong size, empty mask, unsupported output
 format, ...) is raised as :class:`magdiff.errors.MagDiffInputError` with a message that says what is wrong and what
 to do. Writers are atomic: they write a temporary file next to the destination and ``os.replace`` it, so a failed or
-interrupted save never leaves a partial output file behind.
+interrupted save never leaves a partial output file behind; a file they replace keeps its permissions, and the
+temporary files of a writer that was killed outright (SIGKILL, power loss) are removed by the next write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +55,7 @@ __all__ = [
     "mask_to_tensor",
     "natural_sort_key",
     "probe_video",
+    "remove_stale_partials",
     "save_image",
     "save_video",
     "tensor_to_uint8",
@@ -691,14 +696,46 @@ def _check_output_parent(p: Path) -> None:
 
 
 def _temporary_sibling(p: Path) -> Path:
-    """A unique temporary path in the same folder that keeps the real suffix (so muxers pick the right format)."""
-    return p.with_name(f".{p.stem}.{uuid.uuid4().hex[:12]}.partial{p.suffix}")
+    """A unique temporary path in the same folder that keeps the real suffix (so muxers pick the right format) and
+    names the writing process (so a later run knows a partial file whose writer is gone)."""
+    return p.with_name(f".{p.stem}.{uuid.uuid4().hex[:12]}.{os.getpid()}.partial{p.suffix}")
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process, or a system that cannot tell: leave its file alone
+    return True
+
+
+def remove_stale_partials(p: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``p`` whose writer is no longer running (a run killed with
+    SIGKILL, or by a power loss, cannot remove its own); returns them. A partial file of a live process is kept."""
+    pattern = re.compile(rf"^\.{re.escape(p.stem)}\.[0-9a-f]{{12}}(?:\.(\d+))?\.partial{re.escape(p.suffix)}$")
+    removed = []
+    parent = p.parent if str(p.parent) else Path(".")
+    for candidate in parent.glob(f".{glob_escape(p.stem)}.*.partial{glob_escape(p.suffix)}"):
+        match = pattern.match(candidate.name)
+        if match is None or (match.group(1) is not None and _process_is_running(int(match.group(1)))):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
 
 
 def _write_atomically(p: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary sibling and ``os.replace`` it into place; a file it replaces keeps its permission
+    bits. Stale temporary files of earlier, killed writes of ``p`` are removed first."""
+    remove_stale_partials(p)
     tmp = _temporary_sibling(p)
     try:
         write(tmp)
+        if p.is_file():
+            with contextlib.suppress(OSError):  # best effort: a file we cannot chmod gets the default permissions
+                shutil.copymode(p, tmp)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)  # no-op after a successful replace
