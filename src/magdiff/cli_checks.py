@@ -68,6 +68,13 @@ def check_against_model(args: argparse.Namespace, pipeline: MagDiffPipeline, num
             f"--num-frames {num_frames} is more than this model supports ({pipeline.max_num_frames}); ask for fewer "
             "frames."
         )
+    trajectory_frames = pipeline.trajectory_frames
+    wanted = num_frames if num_frames is not None else 8
+    if getattr(args, "trajectory", None) == "auto" and trajectory_frames is not None and wanted > trajectory_frames:
+        raise MagDiffInputError(
+            f"--num-frames {wanted}: this model's trajectory head was trained on paths of {trajectory_frames} frames; "
+            f"ask for at most {trajectory_frames}, or pass --trajectory off or a path of your own."
+        )
     factor = pipeline.vae_scale_factor
     for dest in ("height", "width"):
         value = getattr(args, dest, None)

@@ -103,6 +103,23 @@ def _check_trajectory_mode(trajectory: str) -> None:
         )
 
 
+def trained_path_length(head: TrajectoryPredictor) -> int:
+    """The longest path ``head`` was trained to give: its config's ``_trained_frames`` (written by
+    :func:`magdiff.training.trajectory.train_trajectory_head`), else read from its weights. Heads trained on paths
+    shorter than their ``max_frames`` (the packaged one: 8 of 16) never saw a gradient on the later frames, whose
+    zero-initialised output rows are still exactly zero: without an error the subject would jump back to its start
+    there."""
+    max_frames = int(head.config.max_frames)
+    if isinstance(head.config.get("_trained_frames"), int):
+        return min(int(head.config["_trained_frames"]), max_frames)
+    weight = head.head[-1].weight.detach().reshape(max_frames - 1, 2, -1)  # (frames 1.., (dx, dy), hidden)
+    bias = head.head[-1].bias.detach().reshape(max_frames - 1, 2)
+    trained = (weight != 0).flatten(1).any(dim=1) | (bias != 0).any(dim=1)  # (max_frames - 1,)
+    if not bool(trained.any()):
+        return max_frames  # an untrained head: "no motion" for every frame, as it is built to give
+    return int(torch.nonzero(trained).max()) + 2  # frame 0 is fixed at (0, 0)
+
+
 # ---------------------------------------------------------------------- the pipeline
 
 
@@ -161,6 +178,27 @@ class MagDiffPipeline(DiffusionPipeline):
     def max_num_frames(self) -> int:
         """The most frames the motion modules support (their positional-embedding length)."""
         return int(self.unet.config.motion_max_seq_length)
+
+    @property
+    def trajectory_frames(self) -> int | None:
+        """The most frames ``trajectory="auto"`` can place the subject in: the longest path the trajectory head was
+        trained on (:func:`trained_path_length`); ``None`` without a head."""
+        return None if self.trajectory is None else trained_path_length(self.trajectory)
+
+    def check_trajectory_length(self, num_frames: int) -> None:
+        """``trajectory="auto"`` needs a head path for every frame.
+
+        Raises:
+            MagDiffInputError: ``num_frames`` is longer than the paths the head was trained on.
+        """
+        limit = self.trajectory_frames
+        if limit is not None and num_frames > limit:
+            raise MagDiffInputError(
+                f"`num_frames`={num_frames}, but this model's trajectory head was trained on paths of {limit} frames "
+                f"(later frames would put the subject back at its start). Ask for at most {limit} frames, give "
+                "`trajectory='off'` or a path of your own, or retrain the head on longer clips (magdiff "
+                "train-trajectory --num-frames)."
+            )
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -411,6 +449,7 @@ class MagDiffPipeline(DiffusionPipeline):
             _check_trajectory_mode(trajectory)
             if trajectory == "off" or self.trajectory is None:
                 return None
+            self.check_trajectory_length(num_frames)
             if text_embeds is None:
                 text_embeds = self.encode_prompt(prompts, self._execution_device)
             with torch.no_grad():
@@ -723,6 +762,8 @@ class MagDiffPipeline(DiffusionPipeline):
             )
         if isinstance(trajectory, str):
             _check_trajectory_mode(trajectory)
+            if trajectory == "auto" and subject_image is not None:
+                self.check_trajectory_length(num_frames)  # before any work
         if not isinstance(trajectory, str) and subject_image is None:
             raise MagDiffInputError(
                 "`trajectory` places the subject of generation; give `subject_image`, or leave `trajectory` as "

@@ -250,8 +250,9 @@ def train_trajectory_head(
     """Fit a :class:`TrajectoryPredictor` to ``paths`` (N, F, 2) (from :func:`subject_path`) of ``captions``.
 
     AdamW with a cosine schedule on the masked MSE of the path (NaN frames are skipped). The head is as long as the
-    U-Net's motion modules allow (``motion_max_seq_length`` frames). ``held_out_*``, when given, are scored at the
-    end by :func:`evaluate_trajectory_head`.
+    U-Net's motion modules allow (``motion_max_seq_length`` frames) and its config records the frames it was trained
+    on (``_trained_frames``): the pipeline refuses longer videos along its paths. ``held_out_*``, when given, are
+    scored at the end by :func:`evaluate_trajectory_head`.
     """
     if len(captions) == 0 or len(captions) != paths.shape[0]:
         raise MagDiffInputError(f"need one path per caption, got {len(captions)} captions and {paths.shape[0]} paths.")
@@ -291,6 +292,8 @@ def train_trajectory_head(
                 on_log(record)
             running = 0.0
     head.eval()
+    # The frames it learnt: longer paths would leave the subject at its start (MagDiffPipeline refuses them).
+    head.register_to_config(_trained_frames=num_frames)
     if held_out_paths is not None and len(held_out_captions):
         result.held_out = evaluate_trajectory_head(pipeline, head, held_out_captions, held_out_paths)
     return result
