@@ -190,7 +190,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     import yaml
 
     from .training.config import config_from_dict, get_preset, load_config
-    from .training.trainer import train
 
     overrides = {}
     for item in args.set or []:
@@ -206,6 +205,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(args.config, overrides=overrides)
     else:
         config = config_from_dict(overrides, get_preset(args.preset))
+    from .training.trainer import train  # after the config is checked: a bad value fails before the heavy imports
+
     if args.prepare_only:
         cache = train(config, progress=not args.no_progress, prepare_only=True)
         print(f"cached the encoded training clips in {cache}")
