@@ -108,6 +108,19 @@ def test_missing_inputs_are_found_before_the_model_loads(tmp_path, capsys, no_mo
     assert "--segmenter-model" in error
     error = _run_and_expect_error([*generate[:-2], "--segmenter-model", missing, *generate[-2:]], capsys)
     assert "does not exist" in error
+    PIL.Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "empty.png")
+    error = _run_and_expect_error(
+        [*generate[:-2], "--subject-mask", str(tmp_path / "empty.png"), *generate[-2:]], capsys
+    )
+    assert "empty" in error
+    PIL.Image.fromarray(np.full((10, 10), 255, dtype=np.uint8)).save(tmp_path / "small.png")
+    error = _run_and_expect_error(
+        [*generate[:-2], "--subject-mask", str(tmp_path / "small.png"), *generate[-2:]], capsys
+    )
+    assert "10x10" in error and "16x16" in error
+    few = _frames(tmp_path / "few_masks", count=2)
+    error = _run_and_expect_error([*edit[:-2], "--masks", str(few), "--num-frames", "3", *edit[-2:]], capsys)
+    assert "2 mask images" in error
     assert not [path for path in tmp_path.iterdir() if path.name.endswith(".gif") or "partial" in path.name]
 
 

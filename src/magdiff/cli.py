@@ -103,12 +103,15 @@ def _run_and_save(
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .media import check_output_path, load_subject, load_trajectory
+    from .media import check_output_path, load_image, load_subject, load_trajectory
 
     fmt = check_output_path(args.out)
     check_input_file(args.subject, "--subject")  # every input is checked before the model loads
     if args.subject_mask is not None:
         check_input_file(args.subject_mask, "--subject-mask")
+        load_subject(
+            args.subject, mask_path=args.subject_mask, size=load_image(args.subject).size[::-1]
+        )  # sizes, empty
     trajectory = load_trajectory(args.trajectory)
     segmenter = _segmenter(args)
     pipeline = _load_sampling_pipeline(args)
@@ -134,6 +137,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     info = probe_video(args.video)  # every input is checked before the model loads
     if args.masks is not None and not Path(args.masks).expanduser().exists():
         raise MagDiffInputError(f"--masks {args.masks!r} does not exist; give a folder of mask PNGs or a mask video.")
+    if args.masks is not None and args.num_frames is not None:  # their count, sizes and emptiness
+        load_masks(args.masks, num_frames=args.num_frames, size=None, expected_size=(info.height, info.width))
     segmenter = _segmenter(args)
     pipeline = _load_sampling_pipeline(args)
     num_frames = args.num_frames  # None: the source's length, up to the model's maximum (0 is refused above)
