@@ -21,14 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_checks import check_against_model, check_arguments, check_input_file
+from .cli_checks import check_against_model, check_arguments, check_input_file, segmenter_from_arguments
 from .errors import MagDiffInputError
 from .evaluation.layouts import DAVIS_LAYOUT, DREAMBOOTH_LAYOUT, EXTRACTOR_HELP, FOLDER_LAYOUT
 from .loading import SCHEDULERS, load_pipeline, resolve_device, resolve_model
 
 if TYPE_CHECKING:
     from .pipelines.pipeline_magdiff import MagDiffPipeline
-    from .segmentation import SubjectSegmenter
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -38,23 +37,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _load_sampling_pipeline(args: argparse.Namespace) -> MagDiffPipeline:
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler)
-
-
-def _segmenter(args: argparse.Namespace) -> SubjectSegmenter | None:
-    """``--segmenter`` (``transformers`` with ``--segmenter-model DIR``; the folder alone implies it)."""
-    name, model = args.segmenter, args.segmenter_model
-    if name is None and model is None:
-        return None
-    from .segmentation import get_segmenter
-
-    name = name or "transformers"
-    if name.strip().lower() != "transformers":
-        if model is not None:
-            raise MagDiffInputError(f"--segmenter-model is for --segmenter transformers, not --segmenter {name}.")
-        return get_segmenter(name)
-    if model is None:
-        raise MagDiffInputError("--segmenter transformers needs --segmenter-model DIR (a local segmentation model).")
-    return get_segmenter(name, model_path=model)
 
 
 def _size(args: argparse.Namespace, pipeline: MagDiffPipeline) -> tuple[int, int]:
@@ -113,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             args.subject, mask_path=args.subject_mask, size=load_image(args.subject).size[::-1]
         )  # sizes, empty
     trajectory = load_trajectory(args.trajectory)
-    segmenter = _segmenter(args)
+    segmenter = segmenter_from_arguments(args)
     pipeline = _load_sampling_pipeline(args)
     check_against_model(args, pipeline, args.num_frames)
     size = _size(args, pipeline)
@@ -139,7 +121,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise MagDiffInputError(f"--masks {args.masks!r} does not exist; give a folder of mask PNGs or a mask video.")
     if args.masks is not None and args.num_frames is not None:  # their count, sizes and emptiness
         load_masks(args.masks, num_frames=args.num_frames, size=None, expected_size=(info.height, info.width))
-    segmenter = _segmenter(args)
+    segmenter = segmenter_from_arguments(args)
     pipeline = _load_sampling_pipeline(args)
     num_frames = args.num_frames  # None: the source's length, up to the model's maximum (0 is refused above)
     if num_frames is None:

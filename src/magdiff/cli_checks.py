@@ -15,8 +15,9 @@ from .errors import MagDiffInputError
 
 if TYPE_CHECKING:
     from .pipelines.pipeline_magdiff import MagDiffPipeline
+    from .segmentation import SubjectSegmenter
 
-__all__ = ["check_against_model", "check_arguments", "flag"]
+__all__ = ["check_against_model", "check_arguments", "check_input_file", "flag", "segmenter_from_arguments"]
 
 #: Options that must be at least 1 wherever a command has them (``None``: the option was not given).
 POSITIVE_INTEGERS = frozenset(
@@ -102,3 +103,20 @@ def check_input_file(path: str, option: str) -> None:
     if p.is_dir():
         raise MagDiffInputError(f"{option} {str(p)!r} is a folder; give the file itself.")
     load_image(p)
+
+
+def segmenter_from_arguments(args: argparse.Namespace) -> SubjectSegmenter | None:
+    """``--segmenter`` (``transformers`` with ``--segmenter-model DIR``; the folder alone implies it)."""
+    name, model = args.segmenter, args.segmenter_model
+    if name is None and model is None:
+        return None
+    from .segmentation import get_segmenter
+
+    name = name or "transformers"
+    if name.strip().lower() != "transformers":
+        if model is not None:
+            raise MagDiffInputError(f"--segmenter-model is for --segmenter transformers, not --segmenter {name}.")
+        return get_segmenter(name)
+    if model is None:
+        raise MagDiffInputError("--segmenter transformers needs --segmenter-model DIR (a local segmentation model).")
+    return get_segmenter(name, model_path=model)
