@@ -150,3 +150,19 @@ def test_generate_segments_with_a_local_transformers_model(saved_tiny_model, tmp
     (with_model, _), (with_grabcut, _) = calls
     assert bool(with_model["subject_mask"].all())  # the transformers model's mask reached the pipeline
     assert not bool(with_grabcut["subject_mask"].all())
+
+
+def test_segment_dataset_takes_the_transformers_model_too(tmp_path, capsys):
+    from magdiff.media import save_image
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for index in range(2):
+        save_image(np.full((SIZE, SIZE, 3), 40 * index, dtype=np.uint8), clip / f"{index}.png")
+    (tmp_path / "clips.jsonl").write_text('{"video": "clip", "caption": "a square"}\n')
+    model = _tiny_segmentation_model(tmp_path / "segmenter")
+    out = tmp_path / "masks"
+    args = ["segment-dataset", "--manifest", str(tmp_path / "clips.jsonl"), "--out", str(out)]
+    assert main([*args, "--segmenter", "transformers", "--segmenter-model", str(model)]) == 0
+    masks = sorted(out.rglob("frame_*.png"))
+    assert len(masks) == 2 and all(np.asarray(PIL.Image.open(mask)).min() == 255 for mask in masks)  # its one label

@@ -708,10 +708,12 @@ def segment_dataset(
 
 def cmd_segment_dataset(args: argparse.Namespace) -> None:
     """Run ``magdiff segment-dataset`` from parsed arguments and print one summary line."""
+    from magdiff.cli_checks import segmenter_from_arguments
+
     summary = _run_segment_dataset(
         args.manifest,
         args.out,
-        segmenter=args.segmenter,
+        segmenter=segmenter_from_arguments(args),
         num_frames=args.num_frames,
         overwrite=args.overwrite,
         progress=True,
@@ -736,7 +738,10 @@ def add_segment_dataset_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--manifest", required=True, help="JSONL or CSV manifest (fields video, caption[, masks])")
     parser.add_argument("--out", required=True, help="output folder for the masks and the new manifest.jsonl")
-    parser.add_argument("--segmenter", default=None, help="segmenter name: grabcut (default) or background-difference")
+    segmenter_help = "segmenter: grabcut (default), background-difference or transformers (with --segmenter-model)"
+    parser.add_argument("--segmenter", default=None, help=segmenter_help)
+    model_help = "local transformers image-segmentation model folder, for --segmenter transformers"
+    parser.add_argument("--segmenter-model", default=None, metavar="DIR", help=model_help)
     parser.add_argument(
         "--num-frames", type=int, default=None, help="segment only the first N frames of each video (default: all)"
     )
