@@ -66,6 +66,8 @@ def _sampling(command: str, tmp_path, *extra: str) -> list[str]:
         ("edit", "--fps", "-3"),
         ("generate", "--steps", "0"),
         ("generate", "--height", "0"),
+        ("generate", "--seed", str(2**70)),
+        ("edit", "--seed", "-1"),
     ],
 )
 def test_bad_numbers_are_refused_before_the_model_loads(tmp_path, capsys, no_model_loading, command, flag, value):

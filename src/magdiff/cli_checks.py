@@ -53,6 +53,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise MagDiffInputError(f"{flag(dest)} {value}: must be 0 or more.")
         if dest in POSITIVE_NUMBERS and value <= 0:
             raise MagDiffInputError(f"{flag(dest)} {value}: must be above 0.")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise MagDiffInputError(f"--seed {seed}: give an integer from 0 to 2**63 - 1.")
     if getattr(args, "invert", False) and getattr(args, "scheduler", "default") not in ("default", "ddim"):
         raise MagDiffInputError(f"--invert needs the DDIM sampler, not --scheduler {args.scheduler}; use ddim.")
 
