@@ -61,11 +61,13 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def check_against_model(args: argparse.Namespace, pipeline: MagDiffPipeline, num_frames: int | None) -> None:
-    """What only the loaded model decides: the frame count, the size factor and, with ``--invert``, the sampler.
+    """What only the loaded model decides: the frame count (its motion modules; along its trajectory head's paths,
+    the length they were trained on), the size factor and, with ``--invert``, the sampler.
 
     Raises:
-        MagDiffInputError: more frames than the model's motion modules take, a size that is not a multiple of the
-            VAE's factor, or ``--invert`` with a sampler that cannot be inverted.
+        MagDiffInputError: more frames than the model's motion modules take or than its trajectory head's paths
+            (with ``--trajectory auto``), a size that is not a multiple of the VAE's factor, or ``--invert`` with a
+            sampler that cannot be inverted.
     """
     if num_frames is not None and num_frames > pipeline.max_num_frames:
         raise MagDiffInputError(
