@@ -172,3 +172,20 @@ def test_training_from_a_pickled_only_model_is_refused(saved_tiny_model, tmp_pat
     with pytest.raises(MagDiffInputError, match="never unpickles"):
         build_pipeline(TrainConfig(model=str(model)))
     assert not marker.exists()
+
+
+def test_the_world_vae_trainer_never_unpickles_init_from_or_evaluate(tmp_path, marker, capsys):
+    from magdiff.training import autoencoder as ae
+
+    folder = tmp_path / "vae"
+    ae.build_autoencoder(ae.AutoencoderConfig(block_out_channels=(16, 32, 32), norm_num_groups=8)).save_pretrained(
+        folder, safe_serialization=True
+    )
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    _write_malicious(folder / "diffusion_pytorch_model.bin", marker)
+    config = ae.AutoencoderConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, init_from=str(folder), steps=1)
+    with pytest.raises(MagDiffInputError, match="init_from"):
+        ae.train_autoencoder(config, tmp_path / "out", progress=False)
+    assert ae.main(["--evaluate", str(folder)]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -45,6 +45,7 @@ from ..data.world import (
     pattern_colour,
 )
 from ..errors import MagDiffInputError
+from ..loading import model_load_errors
 from .checkpoint import (
     optimizer_from_safetensors,
     optimizer_to_safetensors,
@@ -846,7 +847,8 @@ def _initial_model(config: AutoencoderConfig, world: WorldConfig) -> tuple[Autoe
         raise MagDiffInputError(
             f"init_from {source} is neither a saved AutoencoderKL folder (config.json) nor a training checkpoint."
         )
-    vae = AutoencoderKL.from_pretrained(source)
+    with model_load_errors("init_from", source):
+        vae = AutoencoderKL.from_pretrained(source, use_safetensors=True)
     found = (tuple(vae.config.block_out_channels), vae.config.latent_channels, vae.config.layers_per_block)
     if found != wanted:
         raise MagDiffInputError(
@@ -1032,7 +1034,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (Path(args.evaluate) / "config.json").is_file():
             print(f"error: {args.evaluate} is not a saved AutoencoderKL folder (no config.json).", file=sys.stderr)
             return 2
-        vae = AutoencoderKL.from_pretrained(args.evaluate, use_safetensors=True).eval()
+        try:
+            with model_load_errors("--evaluate", args.evaluate):
+                vae = AutoencoderKL.from_pretrained(args.evaluate, use_safetensors=True).eval()
+        except MagDiffInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         print(json.dumps(vae_report(vae, args.final_eval_frames), indent=2))
         return 0
     if args.out is None:

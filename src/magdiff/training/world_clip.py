@@ -644,7 +644,11 @@ def build_model(config: WorldClipConfig, tokenizer: Any) -> WorldClip:
                 ) from None
     if config.train_text == "projection":
         text.text_model.requires_grad_(False)
-    return WorldClip(text, vision, subject_view=config.subject_view)
+    model = WorldClip(text, vision, subject_view=config.subject_view)
+    record = Path(config.init_from) / "world_clip.json" if config.init_from is not None else None
+    if record is not None and record.is_file() and "logit_scale" in json.loads(record.read_text()):
+        model.logit_scale.data.fill_(math.log(float(json.loads(record.read_text())["logit_scale"])))
+    return model
 
 
 def train_world_clip(
