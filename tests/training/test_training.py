@@ -431,3 +431,32 @@ def test_second_stage_builds_new_subject_parts_for_another_image_encoder_and_vie
         config_from_dict({"model": str(saved_tiny_model), "image_encoder": "x"}, get_preset("world-tiny"))
     with pytest.raises(MagDiffInputError, match="image_encoder_view must"):
         config_from_dict({"image_encoder_view": "zoom"}, get_preset("world-tiny"))
+
+
+def test_subject_dropout_empties_every_slot_of_a_share_of_clips():
+    from types import SimpleNamespace
+
+    from magdiff.training.trainer import make_batch
+
+    n, frames = 8, 4
+
+    class Clips(SimpleNamespace):
+        def __len__(self) -> int:
+            return n
+
+    clips = Clips(
+        latents=torch.randn(n, 4, frames, 2, 2), text=torch.randn(n, 3, 8), empty_text=torch.zeros(3, 8),
+        has_tokens=False, slot_embeds=torch.randn(n, frames, 2, 5), empty_embeds=torch.zeros(2, 5),
+        slot_pyramid=[torch.randn(n, frames, 4, 2, 2)], empty_pyramid=[torch.zeros(4, 2, 2)], subject_masks=None,
+    )  # fmt: skip
+
+    def draw(dropout: float):
+        config = dataclasses.replace(get_preset("world-tiny"), batch_size=2000, subject_dropout=dropout)
+        return make_batch(clips, config, torch.Generator().manual_seed(0), 1000)
+
+    kept, half, none = draw(0.0), draw(0.5), draw(1.0)
+    assert kept.filled[:, 0].all()  # without dropout slot 0 is always filled (the paper)
+    assert not none.filled.any() and torch.equal(none.subject_embeds, torch.zeros_like(none.subject_embeds))
+    empty = (~half.filled.any(dim=1)).float().mean()
+    assert abs(empty - 0.5) < 0.05  # about half the clips lose every slot
+    assert torch.equal(half.filled[half.filled.any(dim=1)], kept.filled[half.filled.any(dim=1)])

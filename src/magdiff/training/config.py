@@ -58,6 +58,11 @@ class TrainConfig:
     frame, the ablation the paper's SDA argues against) or ``"none"`` (slots always empty: the text-only baseline)."""
     slot_fill_all_probability: float = 0.3
     slot_fill_subset_probability: float = 0.2
+    subject_dropout: float = 0.0
+    """Probability that a clip trains with every subject slot empty, whatever the slot filling drew: the
+    unconditional branch of image guidance (``image_guidance_scale``) and of generation without a subject, as
+    IP-Adapter drops its image embedding and InstructPix2Pix its image. Not in the paper (its slot 0 is always
+    filled)."""
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
     """Min-SNR loss weighting (Hang et al. 2023; diffusers' ``--snr_gamma``), e.g. 5.0; ``None`` = plain MSE."""
@@ -196,6 +201,7 @@ class TrainConfig:
                 self.image_encoder is None or self.new_subject_parts,
                 "image_encoder needs model and new_subject_parts (the subject parts are built anew for it)",
             ),
+            (0.0 <= self.subject_dropout <= 1.0, "subject_dropout must be in [0, 1]"),
             (self.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {TIMESTEP_BIASES}"),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be positive"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

@@ -141,6 +141,8 @@ def make_batch(
     filled = draw_slot_filling(
         batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
     )
+    if config.subject_dropout > 0:  # image CFG: some clips train with every slot empty (drawn only when asked)
+        filled[torch.rand(batch_size, generator=generator) < config.subject_dropout] = False
     if config.subject_image == "none":  # the text-only baseline: the same draws, every slot left empty
         filled[:] = False
     embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[index].float(), clips.empty_embeds.float())
