@@ -1,49 +1,113 @@
 #!/usr/bin/env bash
 # Reproduce the packaged default model from scratch on CPU (see docs/default_model.md for times and figures).
 #   0. the world tokenizer ships in the package (python -m magdiff.tokenization rebuilds it, 4 s)
-#   1. the world VAE (factor 4, 64x64 px -> 16x16 latents; docs/vae.md), when the package has none
-#   1b. the world CLIP's text and image towers (docs/world_clip.md), when the package has none
-#   2. the MagDiff U-Net on the cached world clips (the world preset), two processes (torchrun, gloo), resumable
-#   3. the trajectory head (prompt -> the subject's path) on the exported pipeline's text encoder (about 3 minutes)
-#   4. the world benchmark on 200 held-out clips, two shards in parallel, merged
-#   5. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
-# Re-running continues an interrupted step 2 from its last checkpoint. A quick check that every step runs:
-#   RUN=runs/smoke CLIPS=64 STEPS=20 BENCH=10 INSTALL=0 bash scripts/build_default_model.sh
+#   1. the world VAE (factor 4, 16 latent channels; docs/vae.md), then its decoder alone fine-tuned (the latents,
+#      which everything below is trained on, stay exactly the same)
+#   2. the world CLIP (docs/world_clip.md): both towers on slot views, then the image tower (and the text projection)
+#      on crop views with the text transformer frozen
+#   3. U-Net stage 1: the text-to-video base (world preset, every subject slot empty), two processes (torchrun, gloo)
+#   4. U-Net stage 2: MagDiff on that base (new subject parts for the crop-view image tower, 10% subject dropout)
+#   5. the trajectory head (prompt -> the subject's path) on 16-frame paths
+#   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
+#   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
+# Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
+# re-running the script continues an interrupted build. A quick check that every step runs:
+#   RUN=runs/smoke QUICK=1 INSTALL=0 bash scripts/build_default_model.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 RUN=${RUN:-runs/world}
-VAE=${VAE:-src/magdiff/assets/world_vae}
-CLIP=${CLIP:-src/magdiff/assets/world_clip}
-STEPS=${STEPS:-20000}
 CLIPS=${CLIPS:-4000}
+BASE_STEPS=${BASE_STEPS:-10000}
+STEPS=${STEPS:-8000}
 BENCH=${BENCH:-200}
 INSTALL=${INSTALL:-1}
+VAE_STEPS=(--steps 30000)
+DECODER_STEPS=(--steps 20000)
+CLIP_STEPS=(3900 4000)
+CLIP_EVAL=200
+HEAD_STEPS=10000
+USER_STYLE=64
+if [ "${QUICK:-0}" = 1 ]; then  # minutes, not hours: checks the plumbing, not the figures
+  CLIPS=16 BASE_STEPS=4 STEPS=4 BENCH=2 USER_STYLE=2 CLIP_STEPS=(2 4) CLIP_EVAL=4 HEAD_STEPS=20
+  VAE_STEPS=(--steps 4 --eval-every 2 --eval-frames 4 --final-eval-frames 4 --user-style-subjects 2)
+  DECODER_STEPS=("${VAE_STEPS[@]}")
+fi
+mkdir -p "$RUN"
+resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi; }
 
-if [ ! -f "$VAE/config.json" ]; then
-  $PY -m magdiff.training.autoencoder --out "$VAE"
+# 1. VAE: the whole autoencoder, then the decoder alone.
+if [ ! -f "$RUN/vae/config.json" ]; then
+  # shellcheck disable=SC2046
+  $PY -m magdiff.training.autoencoder --bf16 --channels 48,64,96 --latent-channels 16 "${VAE_STEPS[@]}" \
+    --out "$RUN/vae" --checkpoint-dir "$RUN/vae_checkpoints" $(resume_flag "$RUN/vae_checkpoints")
 fi
-if [ ! -d "$CLIP/text_encoder" ]; then
-  RESUME_CLIP=()
-  if ls "$RUN"/world_clip/step_* >/dev/null 2>&1; then RESUME_CLIP=(--resume latest); fi
-  $PY -m magdiff.training.world_clip --out "$RUN/world_clip" --export "$CLIP" "${RESUME_CLIP[@]+"${RESUME_CLIP[@]}"}"
+if [ ! -f "$RUN/vae_decoder/config.json" ]; then
+  # shellcheck disable=SC2046
+  $PY -m magdiff.training.autoencoder --bf16 --channels 48,64,96 --latent-channels 16 "${DECODER_STEPS[@]}" \
+    --lr 3e-4 --min-lr 2e-5 --warmup-steps 50 --decoder-only --init-from "$RUN/vae" --out "$RUN/vae_decoder" \
+    --checkpoint-dir "$RUN/vae_decoder_checkpoints" $(resume_flag "$RUN/vae_decoder_checkpoints")
 fi
-SET=(--set vae="$VAE" --set num_train_samples="$CLIPS")
-$PY -m magdiff.cli train --preset world --output-dir "$RUN" "${SET[@]}" --prepare-only
-RESUME=()
-if ls "$RUN"/checkpoints/step_* >/dev/null 2>&1; then RESUME=(--resume latest); fi
-.venv/bin/torchrun --nproc_per_node 2 -m magdiff.cli train --preset world --output-dir "$RUN" \
-  "${SET[@]}" --set batch_size=4 --set max_steps="$STEPS" "${RESUME[@]+"${RESUME[@]}"}"
-$PY -m magdiff.cli train-trajectory --model "$RUN/model" --steps 10000 --out "$RUN/model" | tee "$RUN/trajectory.log"
+
+# 2. World CLIP: slot views, then crop views on the frozen text transformer.
+if [ ! -d "$RUN/clip_slot/towers/text_encoder" ]; then
+  printf '{"steps": %s, "aux_image_weight": 3.0, "eval_clips": %s}\n' "${CLIP_STEPS[0]}" "$CLIP_EVAL" \
+    > "$RUN/clip_slot.json"
+  # shellcheck disable=SC2046
+  $PY -m magdiff.training.world_clip --out "$RUN/clip_slot" --config "$RUN/clip_slot.json" \
+    --export "$RUN/clip_slot/towers" $(resume_flag "$RUN/clip_slot")
+fi
+if [ ! -d "$RUN/clip/towers/image_encoder" ]; then
+  printf '{"steps": %s, "aux_image_weight": 3.0, "eval_clips": %s, "learning_rate": 5e-4, "warmup_steps": 100, %s}\n' \
+    "${CLIP_STEPS[1]}" "$CLIP_EVAL" \
+    "\"init_from\": \"$RUN/clip_slot/towers\", \"train_text\": \"projection\", \"subject_view\": \"crop\"" \
+    > "$RUN/clip_crop.json"
+  # shellcheck disable=SC2046
+  $PY -m magdiff.training.world_clip --out "$RUN/clip" --config "$RUN/clip_crop.json" --export "$RUN/clip/towers" \
+    $(resume_flag "$RUN/clip")
+fi
+
+# 3-4. The U-Net: the text-to-video base, then MagDiff on it.
+train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
+  local out=$1 steps=$2
+  shift 2
+  $PY -m magdiff.cli train --preset world --output-dir "$out" "$@" --prepare-only
+  # shellcheck disable=SC2046
+  OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 -m magdiff.cli train --preset world --output-dir "$out" \
+    "$@" --set batch_size=4 --set max_steps="$steps" $(resume_flag "$out/checkpoints")
+}
+if [ ! -f "$RUN/base/model/model_index.json" ]; then
+  train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip_slot/towers" \
+    --set num_train_samples="$CLIPS" --set subject_image=none
+fi
+if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
+  train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
+    --set image_encoder_view=crop --set image_encoder="$RUN/clip/towers/image_encoder" \
+    --set num_train_samples="$CLIPS" --set subject_dropout=0.1
+fi
+MODEL=$RUN/magdiff/model
+# The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
+rm -rf "$MODEL/vae" && cp -r "$RUN/vae_decoder" "$MODEL/vae" && rm -f "$MODEL/vae/training_log.jsonl"
+
+# 5. The trajectory head, on 16-frame paths.
+$PY -m magdiff.cli train-trajectory --model "$MODEL" --steps "$HEAD_STEPS" --num-frames 16 --out "$MODEL" \
+  | tee "$RUN/trajectory.log"
+
+# 6. The benchmark.
 HALF=$((BENCH / 2))
-for FIRST in 0 "$HALF"; do
+for FIRST in 0 "$HALF"; do  # the first shard also runs the user-style subjects
   COUNT=$([ "$FIRST" = 0 ] && echo "$HALF" || echo $((BENCH - HALF)))
-  OMP_NUM_THREADS=1 $PY -m magdiff.cli evaluate world --model "$RUN/model" --num-samples "$COUNT" \
-    --first-sample "$FIRST" --out "$RUN/benchmark_$FIRST.json" > "$RUN/benchmark_$FIRST.log" 2>&1 &
+  USER=$([ "$FIRST" = 0 ] && echo "$USER_STYLE" || echo 0)
+  OMP_NUM_THREADS=1 $PY -m magdiff.cli evaluate world --model "$MODEL" --num-samples "$COUNT" --first-sample "$FIRST" \
+    --user-style "$USER" --out "$RUN/benchmark_$FIRST.json" > "$RUN/benchmark_$FIRST.log" 2>&1 &
 done
 wait
 $PY scripts/merge_world_benchmark.py "$RUN/benchmark_0.json" "$RUN/benchmark_$HALF.json" --out "$RUN/benchmark.json"
+
+# 7. Install.
 if [ "$INSTALL" = 1 ]; then
-  rm -rf src/magdiff/assets/default_model
-  cp -r "$RUN/model" src/magdiff/assets/default_model
+  rm -rf src/magdiff/assets/default_model src/magdiff/assets/world_vae src/magdiff/assets/world_clip
+  cp -r "$MODEL" src/magdiff/assets/default_model
+  cp -r "$RUN/vae_decoder" src/magdiff/assets/world_vae
+  cp -r "$RUN/clip/towers" src/magdiff/assets/world_clip
 fi

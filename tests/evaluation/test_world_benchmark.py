@@ -168,3 +168,23 @@ def test_user_style_benchmark_scores_the_perfect_answer_perfectly():
     assert results["user_style/background_correct"] == 1.0
     assert results["user_style/subject_colour_error_median"] < 1.0
     assert {row["asked_motion"] for row in records} >= {"left", "right"}
+
+
+def test_merged_shards_keep_the_user_style_subjects_of_the_shard_that_ran_them():
+    def record(first, count):
+        rows: list[dict] = []
+        results = evaluate_world(
+            OraclePipeline(6), num_samples=count, first_sample=first, per_sample=rows, progress=False
+        )
+        return {"steps": 25, "guidance_scale": 7.5, "seed": 0, "results": results, "per_sample": rows}
+
+    first, second = record(0, 2), record(2, 2)
+    generated = [row for row in first["per_sample"] if row["task"] == "generation"]
+    first["per_sample"] += [{**row, "task": "user_style", "index": i} for i, row in enumerate(generated)]
+    merged = merge_shards([first, second])
+    assert merged["num_samples"] == 4  # world clips only: the user-style subjects have their own indices
+    assert merged["results"]["user_style/count"] == 2
+    assert merged["results"]["user_style/motion_correct"] == pytest.approx(
+        sum(row["motion_correct"] for row in generated) / 2
+    )
+    assert [row["task"] for row in merged["per_sample"]][-2:] == ["user_style", "user_style"]

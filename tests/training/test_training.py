@@ -460,3 +460,23 @@ def test_subject_dropout_empties_every_slot_of_a_share_of_clips():
     empty = (~half.filled.any(dim=1)).float().mean()
     assert abs(empty - 0.5) < 0.05  # about half the clips lose every slot
     assert torch.equal(half.filled[half.filled.any(dim=1)], kept.filled[half.filled.any(dim=1)])
+
+
+def test_a_new_world_model_takes_the_world_clip_it_is_given(tmp_path):
+    from magdiff.world_model import WORLD_CLIP_DIR
+
+    if not (WORLD_CLIP_DIR / "text_encoder").is_dir():
+        pytest.skip("no packaged world CLIP")
+    clip = tmp_path / "clip"
+    shutil.copytree(WORLD_CLIP_DIR, clip)
+    weights = clip / "text_encoder" / "model.safetensors"
+    state = load_file(str(weights))
+    name = "text_model.embeddings.position_embedding.weight"
+    state[name] = state[name] + 0.5
+    save_file(state, str(weights))
+    config = config_from_dict({"clip": str(clip)}, get_preset("world-tiny"))
+    text_encoder = build_pipeline(config).text_encoder
+    loaded = text_encoder.state_dict()  # (the text model's own keys, without the projection model's prefix)
+    assert torch.equal(loaded["embeddings.position_embedding.weight"], state[name])
+    packaged = build_pipeline(get_preset("world-tiny")).text_encoder
+    assert not torch.equal(packaged.state_dict()["embeddings.position_embedding.weight"], state[name])

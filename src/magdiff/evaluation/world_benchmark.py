@@ -325,7 +325,8 @@ def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"Clip {row['index']} ({row['task']}) appears in more than one shard.")
         seen.add(key)
     results: dict[str, float] = {}
-    for task in TASKS:
+    order = (*TASKS, "user_style")  # the user-style subjects: their own index space (evaluate_user_style)
+    for task in order:
         rows = [
             {k: v for k, v in row.items() if k not in ("index", "task")} for row in per_sample if row["task"] == task
         ]
@@ -334,11 +335,13 @@ def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key, value in aggregate(rows).items():
             if not (isinstance(value, float) and math.isnan(value)):
                 results[f"{task}/{key}"] = float(value)
-    indices = sorted({row["index"] for row in per_sample})
+    indices = sorted({row["index"] for row in per_sample if row["task"] != "user_style"})
     return {
         "num_samples": len(indices),
         "first_sample": indices[0],
         **{key: shards[0].get(key) for key in settings},
         "results": results,
-        "per_sample": sorted(per_sample, key=lambda row: (row["index"], TASKS.index(row["task"]))),
+        "per_sample": sorted(
+            per_sample, key=lambda row: (order.index(row["task"]) == len(TASKS), row["index"], order.index(row["task"]))
+        ),
     }

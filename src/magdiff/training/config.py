@@ -115,6 +115,9 @@ class TrainConfig:
     image_encoder: str | None = None
     """With ``model`` and ``new_subject_parts``: a CLIP vision folder that replaces the model's image encoder (e.g. a
     retrained world CLIP image tower); the subject parts are built anew for it."""
+    clip: str | None = None
+    """World CLIP folder (``text_encoder/``, ``image_encoder/``; ``python -m magdiff.training.world_clip --export``)
+    for a new world model; ``None`` uses the one shipped in the package."""
     vae: str | None = None
     """VAE folder for a new world model; ``None`` uses the one shipped in the package (or a fresh tiny one)."""
     # ------------------------------------------------------------------ outputs

@@ -221,7 +221,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         return pipeline
     from ..world_model import world_components, world_unet
 
-    components = world_components(config.vae, seed=config.seed)
+    components = world_components(config.vae, seed=config.seed, clip=config.clip)
     latent_size = config.resolution // 2 ** (len(components["vae"].config.block_out_channels) - 1)
     unet = world_unet(
         tuple(config.unet_channels),
