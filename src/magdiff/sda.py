@@ -32,9 +32,11 @@ __all__ = [
     "draw_slot_filling",
     "editing_slots",
     "empty_slots",
+    "extend_path",
     "fit_path_to_frame",
     "generation_slots",
     "random_slot_filling",
+    "slow_path_to_fit",
     "subject_crops",
     "trajectory_slots",
 ]
@@ -200,6 +202,43 @@ def fit_path_to_frame(path: torch.Tensor, subject_mask: torch.Tensor) -> torch.T
     dx = path[:, 0].clamp(-int(xs.min()), width - 1 - int(xs.max()))
     dy = path[:, 1].clamp(-int(ys.min()), height - 1 - int(ys.max()))
     return torch.stack([dx, dy], dim=1)
+
+
+def extend_path(path: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """A path ``(..., T, 2)`` (frame 0 at ``(0, 0)``) continued to ``num_frames`` frames: the T frames as they are, then
+    on at the path's mean velocity over them (``path[T-1] / (T-1)`` per frame), the way world subjects move.
+
+    For a video longer than the paths a trajectory head was trained on: the head's later rows never learnt anything
+    (an untrained row is "back at the start"), so only the trained ones are read and the motion is carried on."""
+    length = path.shape[-2]
+    if num_frames <= length:
+        return path[..., :num_frames, :]
+    velocity = path[..., -1:, :] / max(length - 1, 1)  # (..., 1, 2)
+    later = torch.arange(1, num_frames - length + 1, dtype=path.dtype, device=path.device)[:, None]  # (n, 1)
+    return torch.cat([path, path[..., -1:, :] + later * velocity], dim=-2)
+
+
+def slow_path_to_fit(path: torch.Tensor, subject_mask: torch.Tensor) -> torch.Tensor:
+    """Slow a path of pixel displacements ``(..., F, 2)`` evenly, by the largest factor up to 1, so that the subject's
+    bounding box stays inside the frame in every frame.
+
+    Unlike :func:`fit_path_to_frame` (which stops the subject at the border), the subject keeps moving the same way
+    until the last frame, only slower: for long videos, whose travel at the asked speed would leave the frame."""
+    ys, xs = torch.nonzero(subject_mask[0] > 0.5, as_tuple=True)
+    if ys.numel() == 0:
+        raise MagDiffInputError("the subject mask is empty: there is no subject to move along a path.")
+    height, width = subject_mask.shape[-2:]
+    room = {  # how far the subject's box can go each way, in pixels
+        (0, -1): float(xs.min()),
+        (0, 1): float(width - 1 - xs.max()),
+        (1, -1): float(ys.min()),
+        (1, 1): float(height - 1 - ys.max()),
+    }
+    scale = torch.ones(path.shape[:-2], dtype=path.dtype, device=path.device)
+    for (axis, sign), available in room.items():
+        reach = (path[..., axis] * sign).amax(dim=-1).clamp(min=0.0)  # (...,) farthest travel that way
+        scale = torch.minimum(scale, torch.where(reach > available, available / reach.clamp(min=1e-9), 1.0))
+    return path * scale[..., None, None]
 
 
 def trajectory_slots(

@@ -37,7 +37,17 @@ from ..media import to_rgb
 from ..models.hfa import pyramid_sizes
 from ..models.trajectory import TrajectoryPredictor, trajectory_to_pixels
 from ..models.unet import MagDiffUNetModel, SubjectConditioning
-from ..sda import editing_slots, empty_slots, fit_path_to_frame, generation_slots, subject_crops, trajectory_slots
+from ..sda import (
+    editing_slots,
+    empty_slots,
+    extend_path,
+    fit_path_to_frame,
+    generation_slots,
+    slow_path_to_fit,
+    subject_crops,
+    trajectory_slots,
+)
+from .context import SharedNoise, context_windows, fuse_windows, window_subject
 from .inputs import (
     ImageInput,
     VideoInput,
@@ -181,24 +191,30 @@ class MagDiffPipeline(DiffusionPipeline):
 
     @property
     def trajectory_frames(self) -> int | None:
-        """The most frames ``trajectory="auto"`` can place the subject in: the longest path the trajectory head was
-        trained on (:func:`trained_path_length`); ``None`` without a head."""
+        """The longest path the trajectory head was trained on (:func:`trained_path_length`); ``None`` without a
+        head. Longer videos read only these frames of the head and carry its motion on (:func:`extend_path`)."""
         return None if self.trajectory is None else trained_path_length(self.trajectory)
 
-    def check_trajectory_length(self, num_frames: int) -> None:
-        """``trajectory="auto"`` needs a head path for every frame.
+    @property
+    def default_context_length(self) -> int:
+        """Frames per temporal window of a long video (``context_length``'s default): the clip length the model was
+        trained on as its trajectory head records it, else its motion modules' length; never more than the latter."""
+        trained = self.trajectory_frames
+        return self.max_num_frames if trained is None else min(trained, self.max_num_frames)
+
+    def check_context(self, context_length: int, context_stride: int) -> None:
+        """The temporal windows of a long video fit the motion modules.
 
         Raises:
-            MagDiffInputError: ``num_frames`` is longer than the paths the head was trained on.
+            MagDiffInputError: a window longer than the motion modules take, or a stride outside 1..window.
         """
-        limit = self.trajectory_frames
-        if limit is not None and num_frames > limit:
+        if context_length > self.max_num_frames:
             raise MagDiffInputError(
-                f"`num_frames`={num_frames}, but this model's trajectory head was trained on paths of {limit} frames "
-                f"(later frames would put the subject back at its start). Ask for at most {limit} frames, give "
-                "`trajectory='off'` or a path of your own, or retrain the head on longer clips (magdiff "
-                "train-trajectory --num-frames)."
+                f"`context_length`={context_length} is more than this model's motion modules take "
+                f"({self.max_num_frames}); give at most {self.max_num_frames} (longer videos are denoised in "
+                "overlapping windows of this length)."
             )
+        context_windows(context_length, context_length, context_stride)  # the range checks
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -350,11 +366,6 @@ class MagDiffPipeline(DiffusionPipeline):
             raise MagDiffInputError("Give either `subject_image` (generation) or `video` (editing), not both.")
         if num_frames < 1:
             raise MagDiffInputError(f"`num_frames` must be at least 1, got {num_frames}.")
-        if num_frames > self.max_num_frames:
-            raise MagDiffInputError(
-                f"`num_frames`={num_frames} is more than this model supports "
-                f"({self.max_num_frames}); ask for at most {self.max_num_frames} frames."
-            )
         if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
             raise MagDiffInputError(
                 f"`height` and `width` must be positive multiples of {self.vae_scale_factor}, got {height}x{width}."
@@ -438,23 +449,35 @@ class MagDiffPipeline(DiffusionPipeline):
         num_frames: int,
         size: tuple[int, int],
         text_embeds: torch.Tensor | None = None,
+        subject_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """The subject's path for each prompt, (b, F, 2) whole pixels ``(dx, dy)``, or ``None`` for the paper's
         slot-0-only generation.
 
         ``"auto"``: predicted from each prompt by the ``trajectory`` head when the pipeline has one, else ``None``
         (from ``text_embeds`` when given, the prompts' text tokens already encoded); ``"off"``: ``None``; an (F, 2)
-        array: that path (pixels) for every prompt."""
+        array: that path (pixels) for every prompt.
+
+        A video longer than the paths the head was trained on [ours]: the head's trained frames, carried on at their
+        mean velocity (:func:`~magdiff.sda.extend_path`) and, given ``subject_mask`` (1, H, W), slowed evenly so the
+        subject stays in the frame to the last frame (:func:`~magdiff.sda.slow_path_to_fit`): it keeps moving the
+        way the prompt says, never back to its start."""
         if isinstance(trajectory, str):
             _check_trajectory_mode(trajectory)
             if trajectory == "off" or self.trajectory is None:
                 return None
-            self.check_trajectory_length(num_frames)
             if text_embeds is None:
                 text_embeds = self.encode_prompt(prompts, self._execution_device)
+            trained = int(self.trajectory_frames or num_frames)
             with torch.no_grad():
-                path = self.trajectory(text_embeds, num_frames)
-            return trajectory_to_pixels(path.float().cpu(), *size)
+                path = self.trajectory(text_embeds, min(num_frames, trained)).float().cpu()  # (b, T, 2) fractions
+            if num_frames <= trained:
+                return trajectory_to_pixels(path, *size)
+            scale = torch.tensor([size[1], size[0]], dtype=path.dtype)
+            pixels = extend_path(path, num_frames) * scale  # (b, F, 2) pixels, not yet whole
+            if subject_mask is not None:
+                pixels = slow_path_to_fit(pixels, subject_mask.cpu())
+            return torch.round(pixels).long()
         try:
             path = torch.as_tensor(np.asarray(trajectory, dtype=np.float64))
         except (TypeError, ValueError) as error:
@@ -558,7 +581,10 @@ class MagDiffPipeline(DiffusionPipeline):
         device: torch.device,
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
+        shared_noise: SharedNoise | None = None,
     ) -> torch.Tensor:
+        """Initial noise (b, c, F, h, w), scaled for the scheduler; with ``shared_noise`` (a long video), the noise
+        FreeNoise shares across temporal windows."""
         shape = (
             batch_size,
             self.unet.config.in_channels,
@@ -566,7 +592,9 @@ class MagDiffPipeline(DiffusionPipeline):
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        if latents is None:
+        if latents is None and shared_noise is not None:
+            latents = shared_noise(shape, generator, device, dtype)
+        elif latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
             raise MagDiffInputError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
@@ -581,6 +609,23 @@ class MagDiffPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    def _fused_unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        text_embeds: torch.Tensor,
+        window_subjects: dict[tuple[int, int], SubjectConditioning],
+    ) -> torch.Tensor:
+        """The U-Net's prediction for ``sample`` (b, c, F, h, w), window by window with each window's subject
+        conditioning, fused (:func:`~magdiff.pipelines.context.fuse_windows`); one window is one plain call."""
+
+        def predict(start: int, end: int) -> torch.Tensor:
+            window = sample[:, :, start:end]  # (b, c, L, h, w)
+            subject = window_subjects[(start, end)]
+            return self.unet(window, timestep, encoder_hidden_states=text_embeds, subject=subject).sample
+
+        return fuse_windows(predict, list(window_subjects))
+
     # ------------------------------------------------------------------ inversion
 
     def _invert_latents(
@@ -590,17 +635,22 @@ class MagDiffPipeline(DiffusionPipeline):
         subject: SubjectConditioning,
         num_inference_steps: int,
         chunk_size: int = 16,
+        windows: list[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """Source frames (F, 3, H, W) -> (1, c, F, h, w) noise that DDIM sampling (same steps) maps back to them."""
+        """Source frames (F, 3, H, W) -> (1, c, F, h, w) noise that DDIM sampling (same steps and windows) maps back
+        to them."""
         device = self._execution_device
         clean = torch.cat(
             [self._vae_mean_latents(frames[i : i + chunk_size].to(device)) for i in range(0, len(frames), chunk_size)]
         )
         clean = clean.permute(1, 0, 2, 3)[None].to(text_embeds.dtype)  # (1, c, F, h, w)
+        num_frames = clean.shape[2]
+        windows = windows or [(0, num_frames)]
+        window_subjects = {window: window_subject(subject, *window, num_frames) for window in windows}
 
         def model_fn(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             model_input = self.scheduler.scale_model_input(sample, timestep)
-            return self.unet(model_input, timestep, encoder_hidden_states=text_embeds, subject=subject).sample
+            return self._fused_unet(model_input, timestep, text_embeds, window_subjects)
 
         return ddim_invert(clean, model_fn, self.scheduler, num_inference_steps, device=device)
 
@@ -616,25 +666,33 @@ class MagDiffPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         segmenter: Callable | None = None,
+        context_length: int | None = None,
+        context_stride: int | None = None,
     ) -> torch.Tensor:
         """DDIM inversion of a source video under the editing conditioning (its kept region in every slot).
 
         Returns the initial latents (1, c, F, h, w) for ``__call__(..., video=video, latents=...)`` with the same
-        ``num_inference_steps``; ``prompt`` describes the source (empty: unconditional, the usual choice).
+        ``num_inference_steps`` (and temporal windows); ``prompt`` describes the source (empty: unconditional, the
+        usual choice).
         """
         check_invertible(self.scheduler)
         default_height, default_width = self.default_size
         height, width = height or default_height, width or default_width
         if num_frames is None:
-            num_frames = min(len(video), self.max_num_frames)
+            num_frames = len(video)
         self.check_inputs(prompt, None, video, num_frames, height, width, keep, "latent", num_inference_steps, 1.0, ())
+        context_length = context_length or self.default_context_length
+        context_stride = context_stride or max(1, context_length // 2)
+        self.check_context(context_length, context_stride)
         frames, masks = self.prepare_source_video(video, video_masks, num_frames, (height, width), segmenter)
         slots, filled = editing_slots(frames, masks, keep=keep)
         device = self._execution_device
         subject_embeds, subject_latents = self.encode_subject_slots(slots, filled, (height, width))
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         subject = self.unet.encode_subject(subject_embeds, subject_latents, latent_size)
-        return self._invert_latents(frames, self.encode_prompt([prompt], device), subject, num_inference_steps)
+        windows = context_windows(num_frames, context_length, context_stride)
+        text_embeds = self.encode_prompt([prompt], device)
+        return self._invert_latents(frames, text_embeds, subject, num_inference_steps, windows=windows)
 
     # ------------------------------------------------------------------ call
 
@@ -669,6 +727,8 @@ class MagDiffPipeline(DiffusionPipeline):
         trajectory: str | Sequence[Sequence[float]] | torch.Tensor | np.ndarray = "auto",
         truncate_prompt: bool = False,
         blend_kept_region: bool = False,
+        context_length: int | None = None,
+        context_stride: int | None = None,
     ) -> MagDiffPipelineOutput | tuple:
         r"""Generate (with ``subject_image``) or edit (with ``video``) a video.
 
@@ -683,7 +743,8 @@ class MagDiffPipeline(DiffusionPipeline):
             keep: ``"subject"`` keeps the masked subject and changes the rest by text; ``"background"`` keeps the
                 scene (the mask's complement) and changes the subject by text.
             negative_prompt: the unconditional prompt (default: empty).
-            num_frames: frames to generate (default: 8, or the source video's length up to the model's maximum).
+            num_frames: frames to generate (default: 8, or the source video's length). Any length: a video longer
+                than ``context_length`` is denoised in overlapping windows (:mod:`magdiff.pipelines.context`).
             height, width: video size in pixels (default: the U-Net's ``sample_size`` x the VAE factor).
             num_inference_steps: denoising steps (50 DDIM steps in the paper).
             guidance_scale: text classifier-free guidance (7.5); the unconditional branch keeps the subject.
@@ -713,13 +774,25 @@ class MagDiffPipeline(DiffusionPipeline):
                 video's latents, noised to the next step's level, back into the kept region (blended latent
                 diffusion, Avrahami et al. 2023), so the kept region stays what it was up to the VAE's round trip.
                 Off by default: the paper keeps the region through the subject slots alone.
+            context_length: frames the U-Net denoises at once (default: :attr:`default_context_length`, the clip
+                length the model was trained on; at most its motion modules' length). A longer video is denoised in
+                overlapping windows of this length whose predictions are fused, from noise shared across windows
+                (FreeNoise); a video that fits in one window is denoised as a whole, exactly as without windows.
+                Every window sees its own frames' subject slots: in the paper's slot-0-only generation
+                (``trajectory="off"``) only the first window holds the subject, later windows only reach it through
+                the frames they share with earlier ones.
+            context_stride: frames between the starts of two windows (default: half of ``context_length``).
         """
         # 0. Defaults and checks
         default_height, default_width = self.default_size
         height = height or default_height
         width = width or default_width
         if num_frames is None:
-            num_frames = 8 if video is None else min(len(video), self.max_num_frames)
+            num_frames = 8 if video is None else len(video)
+        context_length = context_length or self.default_context_length
+        context_stride = context_stride or max(1, context_length // 2)
+        self.check_context(context_length, context_stride)
+        windows = context_windows(num_frames, context_length, context_stride)
         self.check_inputs(
             prompt,
             subject_image,
@@ -762,8 +835,6 @@ class MagDiffPipeline(DiffusionPipeline):
             )
         if isinstance(trajectory, str):
             _check_trajectory_mode(trajectory)
-            if trajectory == "auto" and subject_image is not None:
-                self.check_trajectory_length(num_frames)  # before any work
         if not isinstance(trajectory, str) and subject_image is None:
             raise MagDiffInputError(
                 "`trajectory` places the subject of generation; give `subject_image`, or leave `trajectory` as "
@@ -790,7 +861,7 @@ class MagDiffPipeline(DiffusionPipeline):
             slot_sets = [editing_slots(source_frames, source_masks, keep=keep)]
         elif subject_image is not None:
             image, mask = self.prepare_subject(subject_image, (height, width), subject_mask, segmenter)
-            paths = self.resolve_trajectory(trajectory, prompts, num_frames, (height, width), text_embeds)
+            paths = self.resolve_trajectory(trajectory, prompts, num_frames, (height, width), text_embeds, mask)
             if paths is None:
                 slot_sets = [generation_slots(image, mask, num_frames)]
             else:
@@ -834,25 +905,29 @@ class MagDiffPipeline(DiffusionPipeline):
         # 5. Timesteps and initial noise (or the inverted source)
         if invert:
             source_text = self.encode_prompt([source_prompt], device, truncate=truncate_prompt)
-            inverted = self._invert_latents(source_frames, source_text, single_subject, num_inference_steps)
+            inverted = self._invert_latents(
+                source_frames, source_text, single_subject, num_inference_steps, windows=windows
+            )
             latents = inverted.repeat(batch_size, 1, 1, 1, 1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(batch_size, num_frames, height, width, context.dtype, device, generator, latents)
+        shared_noise = None if len(windows) == 1 else SharedNoise(context_length, context_stride, self.vae_scale_factor)
+        latents = self.prepare_latents(
+            batch_size, num_frames, height, width, context.dtype, device, generator, latents, shared_noise
+        )
         extra_step_kwargs = self._extra_step_kwargs(generator, eta)
         blend = None
         if blend_kept_region:
             blend = self.prepare_kept_region(source_frames, source_masks, keep, latents, generator)
 
-        # 6. Denoising loop
+        # 6. Denoising loop; a long video window by window, every frame's prediction fused over its windows
+        window_subjects = {window: window_subject(subject_context, *window, num_frames) for window in windows}
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step, timestep in enumerate(timesteps):
                 model_input = torch.cat([latents] * num_branches)
                 model_input = self.scheduler.scale_model_input(model_input, timestep)
-                noise_pred = self.unet(
-                    model_input, timestep, encoder_hidden_states=context, subject=subject_context
-                ).sample
+                noise_pred = self._fused_unet(model_input, timestep, context, window_subjects)
                 noise_pred = self._combine_guidance(noise_pred, num_branches, guidance_scale, image_guidance_scale)
                 latents = self.scheduler.step(noise_pred, timestep, latents, **extra_step_kwargs).prev_sample
                 if blend is not None:  # the kept region back at the next step's noise level (the source at the end)
