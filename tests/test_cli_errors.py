@@ -128,8 +128,10 @@ def test_missing_inputs_are_found_before_the_model_loads(tmp_path, capsys, no_mo
 
 def test_what_only_the_model_knows_names_the_flag(saved_tiny_model, tmp_path, capsys):
     model = ["--model", str(saved_tiny_model)]
-    error = _run_and_expect_error(_sampling("generate", tmp_path, *model, "--num-frames", "999"), capsys)
-    assert "--num-frames 999" in error and "supports" in error
+    error = _run_and_expect_error(_sampling("generate", tmp_path, *model, "--context-length", "999"), capsys)
+    assert "--context-length 999" in error and "motion modules take (16)" in error
+    error = _run_and_expect_error(_sampling("generate", tmp_path, *model, "--context-stride", "17"), capsys)
+    assert "--context-stride 17" in error and "16 frames" in error
     error = _run_and_expect_error(_sampling("edit", tmp_path, *model, "--height", "17"), capsys)
     assert "--height 17" in error and "multiple of" in error
     assert not (tmp_path / "out.gif").exists()

@@ -182,7 +182,8 @@ def test_bad_input_gets_one_clear_error(tiny_pipeline):
     image, mask = _subject()
     video, masks = _video(frames=3)
     cases = [
-        ({"subject_image": image, "subject_mask": mask, "num_frames": 40}, "more than this model supports"),
+        ({"subject_image": image, "subject_mask": mask, "context_length": 40}, "motion modules take"),
+        ({"subject_image": image, "subject_mask": mask, "context_length": 8, "context_stride": 9}, "context_stride"),
         ({"video": video, "video_masks": masks, "num_frames": 4}, "has 3 frames but 4 were asked"),
         ({"subject_image": image, "subject_mask": torch.zeros(1, 16, 16)}, "mask is empty"),
         ({"subject_image": image, "subject_mask": torch.ones(1, 8, 8)}, "subject mask is 8x8"),

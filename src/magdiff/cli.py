@@ -74,6 +74,8 @@ def _run_and_save(
         generator=generator,
         truncate_prompt=args.truncate_prompt,
         output_type="pt",
+        context_length=args.context_length,
+        context_stride=args.context_stride,
         **inputs,
     )
     video = output.frames[0] * 2.0 - 1.0  # (F, 3, H, W) in [-1, 1]
@@ -123,9 +125,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
         load_masks(args.masks, num_frames=args.num_frames, size=None, expected_size=(info.height, info.width))
     segmenter = segmenter_from_arguments(args)
     pipeline = _load_sampling_pipeline(args)
-    num_frames = args.num_frames  # None: the source's length, up to the model's maximum (0 is refused above)
+    num_frames = args.num_frames  # None: the source's length (0 is refused above); long ones in windows
     if num_frames is None:
-        num_frames = min(info.num_frames or 8, pipeline.max_num_frames)
+        num_frames = info.num_frames or 8
     check_against_model(args, pipeline, num_frames)  # --num-frames, --height/--width, --invert's sampler
     size = _size(args, pipeline)
     frames = load_video(args.video, num_frames=num_frames, size=size)
@@ -376,6 +378,13 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     truncate_help = "cut a prompt longer than the text encoder's context (with a warning) instead of an error"
     parser.add_argument("--truncate-prompt", action="store_true", help=truncate_help)
     parser.add_argument("--num-frames", type=int, default=None, help="frames to generate (default 8)")
+    context_help = (
+        "frames denoised at once; longer videos go in overlapping windows of this length (default: the clip length "
+        "the model was trained on)"
+    )
+    parser.add_argument("--context-length", type=int, default=None, help=context_help)
+    stride_help = "frames between the starts of two windows (default: half the window)"
+    parser.add_argument("--context-stride", type=int, default=None, help=stride_help)
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")

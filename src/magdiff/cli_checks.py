@@ -21,7 +21,19 @@ __all__ = ["check_against_model", "check_arguments", "check_input_file", "flag",
 
 #: Options that must be at least 1 wherever a command has them (``None``: the option was not given).
 POSITIVE_INTEGERS = frozenset(
-    {"num_frames", "steps", "fps", "height", "width", "num_samples", "resolution", "batch_size", "is_splits"}
+    {
+        "num_frames",
+        "steps",
+        "fps",
+        "height",
+        "width",
+        "num_samples",
+        "resolution",
+        "batch_size",
+        "is_splits",
+        "context_length",
+        "context_stride",
+    }
 )
 #: Options that must be at least 0.
 NON_NEGATIVE = frozenset(
@@ -61,25 +73,26 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def check_against_model(args: argparse.Namespace, pipeline: MagDiffPipeline, num_frames: int | None) -> None:
-    """What only the loaded model decides: the frame count (its motion modules; along its trajectory head's paths,
-    the length they were trained on), the size factor and, with ``--invert``, the sampler.
+    """What only the loaded model decides: the temporal window (its motion modules' length), the size factor and,
+    with ``--invert``, the sampler. Any ``--num-frames`` is fine: a long video is denoised in windows.
 
     Raises:
-        MagDiffInputError: more frames than the model's motion modules take or than its trajectory head's paths
-            (with ``--trajectory auto``), a size that is not a multiple of the VAE's factor, or ``--invert`` with a
-            sampler that cannot be inverted.
+        MagDiffInputError: a ``--context-length`` longer than the model's motion modules take, a ``--context-stride``
+            longer than the window, a size that is not a multiple of the VAE's factor, or ``--invert`` with a sampler
+            that cannot be inverted.
     """
-    if num_frames is not None and num_frames > pipeline.max_num_frames:
+    context_length = getattr(args, "context_length", None)
+    if context_length is not None and context_length > pipeline.max_num_frames:
         raise MagDiffInputError(
-            f"--num-frames {num_frames} is more than this model supports ({pipeline.max_num_frames}); ask for fewer "
-            "frames."
+            f"--context-length {context_length} is more than this model's motion modules take "
+            f"({pipeline.max_num_frames}); give at most {pipeline.max_num_frames}."
         )
-    trajectory_frames = pipeline.trajectory_frames
-    wanted = num_frames if num_frames is not None else 8
-    if getattr(args, "trajectory", None) == "auto" and trajectory_frames is not None and wanted > trajectory_frames:
+    context_stride = getattr(args, "context_stride", None)
+    window = context_length or pipeline.default_context_length
+    if context_stride is not None and context_stride > window:
         raise MagDiffInputError(
-            f"--num-frames {wanted}: this model's trajectory head was trained on paths of {trajectory_frames} frames; "
-            f"ask for at most {trajectory_frames}, or pass --trajectory off or a path of your own."
+            f"--context-stride {context_stride} is longer than the window ({window} frames): frames would be left "
+            "out; give at most the --context-length."
         )
     factor = pipeline.vae_scale_factor
     for dest in ("height", "width"):
