@@ -7,7 +7,7 @@
 #      on crop views with the text transformer frozen
 #   3. U-Net stage 1: the text-to-video base (world preset, every subject slot empty), two processes (torchrun, gloo)
 #   4. U-Net stage 2: MagDiff on that base (new subject parts for the crop-view image tower, 10% subject dropout)
-#   5. the trajectory head (prompt -> the subject's path) on 16-frame paths
+#   5. the trajectory head (prompt -> the subject's path) on the world's 8-frame paths
 #   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
 # Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
@@ -89,8 +89,8 @@ MODEL=$RUN/magdiff/model
 # The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
 rm -rf "$MODEL/vae" && cp -r "$RUN/vae_decoder" "$MODEL/vae" && rm -f "$MODEL/vae/training_log.jsonl"
 
-# 5. The trajectory head, on 16-frame paths.
-$PY -m magdiff.cli train-trajectory --model "$MODEL" --steps "$HEAD_STEPS" --num-frames 16 --out "$MODEL" \
+# 5. The trajectory head (8-frame paths: the world's clips; longer requests are refused, docs/reliability.md).
+$PY -m magdiff.cli train-trajectory --model "$MODEL" --steps "$HEAD_STEPS" --out "$MODEL" \
   | tee "$RUN/trajectory.log"
 
 # 6. The benchmark.
