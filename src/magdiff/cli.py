@@ -351,6 +351,12 @@ def cmd_evaluate_dreambooth(args: argparse.Namespace) -> None:
     _score_videos(args, "dreambooth", inputs, ("clip", "dino"), items=items, metrics=DREAMBOOTH_METRICS)
 
 
+def cmd_app(args: argparse.Namespace) -> None:
+    from .app import launch
+
+    launch(args.model, host=args.host, port=args.port, device=args.device)
+
+
 def cmd_world_preview(args: argparse.Namespace) -> None:
     from .data.world import render_preview
 
@@ -554,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     trajectory.add_argument("--out", required=True, help="pipeline folder to write (the input one + the head)")
     trajectory.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     trajectory.set_defaults(func=cmd_train_trajectory)
+
+    app = commands.add_parser("app", help="a web app for generation and editing (needs magdiff[app])")
+    _add_model_arguments(app, sampling=False)
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    app.set_defaults(func=cmd_app)
 
     preview = commands.add_parser("world-preview", help="render a few world samples to a PNG")
     preview.add_argument("--out", required=True)
