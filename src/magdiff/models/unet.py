@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
@@ -292,6 +293,33 @@ class MagDiffUNetModel(UNetMotionModel):
                     APAAttnProcessor(module.to_k.out_features, module.to_k.in_features, a_img, a_txt, learned)
                 )
 
+    # ------------------------------------------------------------------ gradient checkpointing
+
+    #: Whether ``forward`` recomputes each down/mid/up block in the backward pass (``enable_gradient_checkpointing``).
+    checkpoint_blocks: bool = False
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: object | None = None) -> None:
+        """Checkpoint every down, mid and up block whole: its ResNets, spatial transformers (APA included) and
+        motion modules keep no activations in the forward pass and are recomputed in the backward pass. (Diffusers'
+        motion blocks checkpoint only their ResNets; the motion modules and attention hold most of a video U-Net's
+        activations.) ``gradient_checkpointing_func`` is accepted for diffusers' signature and must be ``None``."""
+        if gradient_checkpointing_func is not None:
+            raise ValueError("MagDiffUNetModel checkpoints with torch.utils.checkpoint; pass no function.")
+        self.checkpoint_blocks = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.checkpoint_blocks = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.checkpoint_blocks
+
+    def _run_block(self, block: nn.Module, *args: object, **kwargs: object) -> object:
+        """``block(*args, **kwargs)``, recomputed in the backward pass when checkpointing is on."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
     # ------------------------------------------------------------------ what is new in MagDiff
 
     def subject_modules(self) -> dict[str, nn.Module]:
@@ -564,7 +592,8 @@ class MagDiffUNetModel(UNetMotionModel):
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
-                sample, block_skips = block(
+                sample, block_skips = self._run_block(
+                    block,
                     hidden_states=sample,
                     temb=emb,
                     encoder_hidden_states=context,
@@ -573,7 +602,7 @@ class MagDiffUNetModel(UNetMotionModel):
                     cross_attention_kwargs=cross_attention_kwargs,
                 )
             else:
-                sample, block_skips = block(hidden_states=sample, temb=emb, num_frames=num_frames)
+                sample, block_skips = self._run_block(block, hidden_states=sample, temb=emb, num_frames=num_frames)
             skips += block_skips
         if down_block_additional_residuals is not None:
             skips = tuple(skip + extra for skip, extra in zip(skips, down_block_additional_residuals))
@@ -581,7 +610,8 @@ class MagDiffUNetModel(UNetMotionModel):
         # 5. mid
         if self.mid_block is not None:
             mid_kwargs = {"num_frames": num_frames} if hasattr(self.mid_block, "motion_modules") else {}
-            sample = self.mid_block(
+            sample = self._run_block(
+                self.mid_block,
                 sample,
                 emb,
                 encoder_hidden_states=context,
@@ -598,7 +628,8 @@ class MagDiffUNetModel(UNetMotionModel):
             block_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             upsample_size = skips[-1].shape[2:] if upsample_needs_size and index < len(self.up_blocks) - 1 else None
             if getattr(block, "has_cross_attention", False):
-                sample = block(
+                sample = self._run_block(
+                    block,
                     hidden_states=sample,
                     temb=emb,
                     res_hidden_states_tuple=block_skips,
@@ -609,7 +640,8 @@ class MagDiffUNetModel(UNetMotionModel):
                     cross_attention_kwargs=cross_attention_kwargs,
                 )
             else:
-                sample = block(
+                sample = self._run_block(
+                    block,
                     hidden_states=sample,
                     temb=emb,
                     res_hidden_states_tuple=block_skips,
