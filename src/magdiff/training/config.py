@@ -9,6 +9,7 @@ the editing mode is trained too.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,8 @@ from ..models.attention import APA_MODES
 from ..models.hfa import HFA_MODES
 
 TIMESTEP_BIASES = ("none", "later", "earlier")
+#: The parameter groups ``learning_rates`` can name (``magdiff.training.trainer.parameter_group_name``).
+LEARNING_RATE_GROUPS = ("motion_modules", "spatial", "subject", "hfa", "other")
 
 
 @dataclass
@@ -76,7 +79,24 @@ class TrainConfig:
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
     mixed_precision: str = "no"
-    """``"no"`` or ``"bf16"`` (autocast; about 1.5x faster on recent CPUs)."""
+    """``"no"``, ``"bf16"`` (autocast; about 1.5x faster on recent CPUs) or ``"fp16"`` (autocast with accelerate's
+    gradient scaler, on CUDA; accelerate runs an fp16 config on the CPU without autocast). With either the frozen
+    VAE, image encoder and text encoder are held in that dtype while training and the trainable parameters in
+    float32 (diffusers' ``cast_training_params``); the exported folder keeps the frozen weights it was given."""
+    gradient_checkpointing: bool = False
+    """Recompute every U-Net down/mid/up block (ResNets, spatial transformers, motion modules) in the backward pass
+    instead of storing its activations: far less activation memory for about a third more compute per step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches of ``batch_size`` clips whose gradients are summed before each optimiser step (accelerate's
+    ``accumulate``): A steps of batch b give the update of one step of batch A * b."""
+    use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (optimiser states in 2 bytes a parameter instead of 8); needs ``bitsandbytes``
+    installed (it is not a dependency of magdiff; CUDA only)."""
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    """Learning rate per parameter group, for the groups that should differ from ``learning_rate``: any of
+    ``motion_modules``, ``spatial`` (the spatial transformer blocks), ``subject`` (Resampler and APA), ``hfa`` (the
+    HFA fusion and the widened ``conv_in``) and ``other`` (e.g. ``{subject: 1e-4, hfa: 1e-4}``: the new parts at a
+    higher rate than the pretrained ones). Empty: one group at ``learning_rate``."""
     trainable: str = "magdiff"
     """``"magdiff"``: the paper's selection (temporal layers, spatial transformer blocks, ``conv_in``, Resampler,
     HFA; ResNets, time embedding and ``conv_out`` frozen), for a pretrained base. ``"all"``: every parameter, for a
@@ -187,7 +207,24 @@ class TrainConfig:
             ),
             (self.apa in APA_MODES, f"apa must be one of {APA_MODES}"),
             (self.hfa in HFA_MODES, f"hfa must be one of {HFA_MODES}"),
-            (self.mixed_precision in ("no", "bf16"), "mixed_precision must be 'no' or 'bf16'"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be 'no', 'bf16' or 'fp16'"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (
+                set(self.learning_rates) <= set(LEARNING_RATE_GROUPS),
+                f"learning_rates keys must be among {LEARNING_RATE_GROUPS}, got {sorted(self.learning_rates)}",
+            ),
+            (
+                all(
+                    isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+                    for rate in self.learning_rates.values()
+                ),
+                "learning_rates values must be positive numbers",
+            ),
+            (
+                not self.use_8bit_adam or importlib.util.find_spec("bitsandbytes") is not None,
+                "use_8bit_adam needs bitsandbytes, which is not installed (pip install bitsandbytes, on a CUDA "
+                "machine); or set use_8bit_adam: false",
+            ),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive or null"),
             (self.subject_loss_weight >= 0, "subject_loss_weight must be >= 0"),
             (self.attention_head_dim is None or self.attention_head_dim >= 1, "attention_head_dim must be >= 1"),
@@ -249,8 +286,20 @@ def _yaml_word(key: str, value: Any) -> Any:
         return "on" if value else "off"
     if isinstance(value, os.PathLike) and str(_FIELDS[key].type).startswith("str"):
         return os.fspath(value)  # a folder given as a Path (the library's callers)
+    if isinstance(value, dict) and str(_FIELDS[key].type) == "dict[str, float]":  # learning_rates: {hfa: 1e-4}
+        return {name: _yaml_number(rate) for name, rate in value.items()}
     if isinstance(value, str) and str(_FIELDS[key].type).startswith("float"):
         try:  # YAML 1.1 reads 1e-4 (no dot) as text; a number written so means the number (validate checks it)
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _yaml_number(value: Any) -> Any:
+    """A number YAML 1.1 read as text (``1e-4``) as the number; anything else as it is (validate checks it)."""
+    if isinstance(value, str):
+        try:
             return float(value)
         except ValueError:
             return value

@@ -3,11 +3,17 @@
     magdiff train --preset world                      # the default model, from scratch
     magdiff train --config my_run.yaml --resume latest
     torchrun --nproc_per_node 4 -m magdiff.cli train --config my_run.yaml
+    accelerate launch --config_file zero2.yaml -m magdiff.cli train --config my_run.yaml
 
 Reproducibility: every step draws the global batch (``batch_size`` clips per process), its slot filling, text
 dropout, noise and timesteps from a generator seeded by (seed, step), and each process trains on its own rows of it.
 So a resumed run continues exactly where it stopped (checkpoints restore the weights, the optimiser, the LR schedule
 and the EMA), N processes see different clips, and N processes of ``batch_size`` b train as one process of N * b.
+
+Gradient accumulation extends the same rule: the global batch of a step is
+``batch_size * gradient_accumulation_steps * processes`` clips, and micro-step k of process r trains on the rows of
+"virtual process" ``k * processes + r``. So A accumulation steps of batch b give the update of one step of batch
+A * b, and ``gradient_accumulation_steps: 1`` draws exactly what it drew before.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import cast_training_params, compute_snr
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModelWithProjection
@@ -44,7 +50,7 @@ from .checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import LEARNING_RATE_GROUPS, TrainConfig
 
 LOG_FILE = "train_log.jsonl"
 VALIDATION_LOG_FILE = "validation_log.jsonl"
@@ -197,6 +203,94 @@ def min_snr_weights(
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
+#: The parameter groups that ``learning_rates`` can name (:func:`parameter_group_name`).
+PARAMETER_GROUPS = LEARNING_RATE_GROUPS
+
+
+def parameter_group_name(unet: MagDiffUNetModel, name: str) -> str:
+    """The learning-rate group of U-Net parameter ``name``: ``"subject"`` (the Resampler and the APA processors'
+    image projections and weights), ``"hfa"`` (the HFA fusion convs and the widened ``conv_in``),
+    ``"motion_modules"`` (the temporal layers), ``"spatial"`` (the rest of the spatial transformer blocks) or
+    ``"other"`` (ResNets, time embedding, ``conv_out``, the text-time projection, the first-frame attention)."""
+    if name.startswith("resampler.") or ".processor." in name:
+        return "subject"
+    if name.startswith(("hfa_fusion.", "conv_in.")):
+        return "hfa"
+    if "motion_modules." in name:
+        return "motion_modules"
+    if ".attentions." in name:
+        return "spatial"
+    return "other"
+
+
+def parameter_groups(unet: MagDiffUNetModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's groups of the U-Net's trainable parameters: one group at ``learning_rate`` (as before) when
+    ``learning_rates`` is empty, else one group per named part (in :data:`PARAMETER_GROUPS` order, empty ones
+    left out), each at its rate from ``learning_rates`` or ``learning_rate``."""
+    trainable = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    if not config.learning_rates:
+        return [{"params": [p for _, p in trainable]}]
+    groups = []
+    for group in PARAMETER_GROUPS:
+        members = [p for name, p in trainable if parameter_group_name(unet, name) == group]
+        if members:
+            groups.append({"params": members, "lr": config.learning_rates.get(group, config.learning_rate)})
+    return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (its states take 2 bytes a parameter, not 8)."""
+    kwargs = {
+        "lr": config.learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "weight_decay": config.weight_decay,
+    }
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise MagDiffInputError(
+                "use_8bit_adam needs bitsandbytes (pip install bitsandbytes, on a CUDA machine)."
+            ) from error
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_for_training(
+    pipeline: MagDiffPipeline, trained: nn.Module, mixed_precision: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Diffusers' recipe for mixed precision: the frozen VAE, image encoder and (frozen) text encoder go to the
+    weight dtype (they only run under autocast, outside the trained graph), and every trainable parameter is kept
+    in float32 (``cast_training_params``; a pipeline folder saved in half precision trains in float32), so the
+    optimiser never updates half-precision weights. Returns the frozen components' original state dicts (on the
+    CPU), which :func:`restore_frozen` puts back before validation and export: the exported folder holds the
+    weights it was given, not a half-precision round trip of them."""
+    cast_training_params(trained, dtype=torch.float32)
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    originals: dict[str, dict[str, torch.Tensor]] = {}
+    if weight_dtype == torch.float32:
+        return originals
+    for name in ("vae", "image_encoder", "text_encoder"):
+        component = getattr(pipeline, name, None)
+        if component is None or any(p.requires_grad for p in component.parameters()):
+            continue
+        originals[name] = {key: value.detach().to("cpu", copy=True) for key, value in component.state_dict().items()}
+        component.to(dtype=weight_dtype)
+    return originals
+
+
+def restore_frozen(pipeline: MagDiffPipeline, originals: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put the frozen components' original weights (and dtypes) back (see :func:`cast_for_training`)."""
+    for name, state in originals.items():
+        component = getattr(pipeline, name)
+        device = next(component.parameters()).device
+        component.to(dtype=next(iter(state.values())).dtype)
+        component.load_state_dict({key: value.to(device) for key, value in state.items()})
+
+
 def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
     """The pipeline whose U-Net trains: loaded from ``config.model`` or the world model built from scratch."""
     if config.model is not None:
@@ -294,7 +388,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         cpu=multi_cpu,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=config.mixed_precision,  # fp16: accelerate's autocast and gradient scaler (on CUDA)
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -324,8 +419,10 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
 
     # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
     unet: MagDiffUNetModel = pipeline.unet
-    parameters = configure_trainable_parameters(unet, config.trainable)
-    groups: list[dict[str, Any]] = [{"params": parameters}]
+    configure_trainable_parameters(unet, config.trainable)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    groups = parameter_groups(unet, config)
     trained = TrainedModel(unet)
     if config.train_text_encoder:
         pipeline.text_encoder.requires_grad_(True)
@@ -334,12 +431,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         trained = TrainedModel(unet, pipeline.text_encoder)
     trained.train()
     trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay,
-    )
+    frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
+    optimizer = make_optimizer(groups, config)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
     ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay else None
 
@@ -364,41 +457,55 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         desc="training",
         disable=not (progress and accelerator.is_main_process),
     )
+    accumulation = config.gradient_accumulation_steps
     for step in range(start_step, config.max_steps):
-        generator = step_generator(config.seed, step)
-        batch = make_batch(clips, config, generator, noise_scheduler.config.num_train_timesteps, rank, world_size)
-        drawn.append(batch.clip_indices)
-        noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
-        if config.prediction_type == "epsilon":
-            target = batch.noise
-        else:
-            target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
-
-        if config.train_text_encoder:
-            text_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        else:
-            text_inputs = {"encoder_hidden_states": batch.text}
-        with accelerator.autocast():
-            prediction = model(
-                noisy,
-                batch.timesteps,
-                subject_embeds=batch.subject_embeds,
-                subject_latents=batch.subject_latents,
-                **text_inputs,
+        step_loss = 0.0
+        for micro_step in range(accumulation):  # accelerate syncs and steps on the last one
+            generator = step_generator(config.seed, step)  # every micro-step draws the same global batch
+            batch = make_batch(
+                clips,
+                config,
+                generator,
+                noise_scheduler.config.num_train_timesteps,
+                micro_step * world_size + rank,
+                world_size * accumulation,
             )
-        loss = clip_losses(prediction, target, batch.subject_masks, config.subject_loss_weight)  # (b,)
-        if config.snr_gamma is not None:
-            loss = loss * min_snr_weights(noise_scheduler, batch.timesteps, config.snr_gamma, config.prediction_type)
-        loss = loss.mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)  # every trained parameter
-        optimizer.step()
+            drawn.append(batch.clip_indices)
+            noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+            if config.prediction_type == "epsilon":
+                target = batch.noise
+            else:
+                target = noise_scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps)
+
+            if config.train_text_encoder:
+                text_inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            else:
+                text_inputs = {"encoder_hidden_states": batch.text}
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    prediction = model(
+                        noisy,
+                        batch.timesteps,
+                        subject_embeds=batch.subject_embeds,
+                        subject_latents=batch.subject_latents,
+                        **text_inputs,
+                    )
+                loss = clip_losses(prediction, target, batch.subject_masks, config.subject_loss_weight)  # (b,)
+                if config.snr_gamma is not None:
+                    gamma, prediction_type = config.snr_gamma, config.prediction_type
+                    loss = loss * min_snr_weights(noise_scheduler, batch.timesteps, gamma, prediction_type)
+                loss = loss.mean()
+                accelerator.backward(loss)  # divides the loss by gradient_accumulation_steps
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)  # every trained one
+                optimizer.step()  # accelerate's optimiser steps (and zeroes) only when the gradients are synced
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / accumulation
         lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(trainable, step)
 
-        running_loss += accelerator.reduce(loss.detach(), reduction="mean").item()
+        running_loss += step_loss
         running_count += 1
         done = step + 1
         bar.update(1)
@@ -432,9 +539,12 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 )
             accelerator.wait_for_everyone()
         if done % config.validate_every == 0 and accelerator.is_main_process:
+            restore_frozen(pipeline, frozen_originals)
             validate(pipeline, trained, ema, config, done, output_dir)
+            frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
             trained.train()
     bar.close()
+    restore_frozen(pipeline, frozen_originals)
     check_replicas_agree(accelerator, trained, log_path)
 
     # 5. Export the pipeline (EMA weights when EMA is on)
