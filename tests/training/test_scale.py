@@ -113,3 +113,103 @@ def test_two_accumulation_steps_of_batch_two_give_the_update_of_one_step_of_batc
         return sum(((first[key] - second[key]).double() ** 2).sum() for key in first).sqrt().item()
 
     assert distance(weights, reference) < 1e-3 * distance(unaccumulated, reference)
+
+
+# ---------------------------------------------------------------------- precision, optimisers, config
+
+
+def test_fp16_keeps_trainable_parameters_in_float32_and_frozen_encoders_in_fp16_then_restores_them():
+    """A pipeline loaded in half precision (``magdiff assemble --dtype float16``): under ``mixed_precision: fp16``
+    every trainable parameter trains in float32, the frozen VAE / image / text encoders are held in float16, and
+    restoring gives back the exact weights (and dtype) the components came with."""
+    from magdiff.models.unet import configure_trainable_parameters
+    from magdiff.training.trainer import TrainedModel, cast_for_training, restore_frozen
+
+    pipeline = tiny_magdiff_pipeline(seed=0)
+    pipeline.unet.to(torch.float16)
+    configure_trainable_parameters(pipeline.unet, "magdiff")
+    vae_before = {key: value.clone() for key, value in pipeline.vae.state_dict().items()}
+    trained = TrainedModel(pipeline.unet)
+    originals = cast_for_training(pipeline, trained, "fp16")
+
+    parameters = dict(trained.named_parameters())
+    trainable = [name for name, p in parameters.items() if p.requires_grad]
+    frozen = [name for name, p in parameters.items() if not p.requires_grad]
+    assert trainable and frozen
+    assert all(parameters[name].dtype == torch.float32 for name in trainable)
+    assert all(parameters[name].dtype == torch.float16 for name in frozen)  # frozen U-Net parts: as loaded
+    for component in (pipeline.vae, pipeline.image_encoder, pipeline.text_encoder):
+        assert {p.dtype for p in component.parameters()} == {torch.float16}
+    assert set(originals) == {"vae", "image_encoder", "text_encoder"}
+
+    restore_frozen(pipeline, originals)
+    assert {p.dtype for p in pipeline.vae.parameters()} == {torch.float32}
+    for key, value in pipeline.vae.state_dict().items():
+        assert torch.equal(value, vae_before[key]), key
+
+
+def test_no_mixed_precision_casts_nothing():
+    from magdiff.training.trainer import TrainedModel, cast_for_training
+
+    pipeline = tiny_magdiff_pipeline(seed=0)
+    assert cast_for_training(pipeline, TrainedModel(pipeline.unet), "no") == {}
+    assert {p.dtype for p in pipeline.vae.parameters()} == {torch.float32}
+
+
+def test_learning_rates_per_parameter_group():
+    """Every trainable U-Net parameter in exactly one group; the named groups at their rates, the rest at
+    learning_rate; no learning_rates keeps the single group of before."""
+    from magdiff.models.unet import configure_trainable_parameters
+    from magdiff.training.config import TrainConfig
+    from magdiff.training.trainer import make_optimizer, parameter_group_name, parameter_groups
+
+    unet = tiny_magdiff_pipeline(seed=0).unet
+    configure_trainable_parameters(unet, "all")
+    names = {name: parameter_group_name(unet, name) for name, _ in unet.named_parameters()}
+    assert names["resampler.proj_in.weight"] == "subject"
+    assert names["conv_in.weight"] == "hfa" and any(n.startswith("hfa_fusion.") for n in names)
+    assert all(group == "hfa" for name, group in names.items() if name.startswith("hfa_fusion."))
+    assert all(group == "subject" for name, group in names.items() if name.endswith((".a_img", ".to_k_ip.0.weight")))
+    assert all(group == "motion_modules" for name, group in names.items() if ".motion_modules." in name)
+    assert all(group == "spatial" for name, group in names.items() if ".attentions.0.proj_in." in name)
+    assert names["conv_out.weight"] == "other"
+
+    config = TrainConfig(learning_rate=1e-5, learning_rates={"subject": 1e-4, "hfa": 2e-4})
+    optimizer = make_optimizer(parameter_groups(unet, config), config)
+    rates = {group["lr"] for group in optimizer.param_groups}
+    assert rates == {1e-5, 1e-4, 2e-4}
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in unet.parameters()) and len(set(grouped)) == len(grouped)
+    by_rate = {group["lr"]: len(group["params"]) for group in optimizer.param_groups if group["lr"] != 1e-5}
+    assert by_rate[1e-4] == sum(group == "subject" for group in names.values())
+    assert len(parameter_groups(unet, TrainConfig())) == 1
+
+
+def test_training_config_validates_the_scale_keys(tmp_path, monkeypatch):
+    import importlib.util
+
+    from magdiff.errors import MagDiffInputError
+    from magdiff.training.config import config_from_dict, load_config
+
+    assert config_from_dict({"mixed_precision": "fp16", "gradient_accumulation_steps": 4}).mixed_precision == "fp16"
+    for values, message in [
+        ({"mixed_precision": "fp8"}, "mixed_precision must be"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be true or false"),
+        ({"learning_rates": {"unet": 1e-4}}, "learning_rates keys must be among"),
+        ({"learning_rates": {"hfa": -1.0}}, "learning_rates values must be positive"),
+        ({"learning_rates": [1e-4]}, "learning_rates must be a mapping"),
+    ]:
+        with pytest.raises(MagDiffInputError, match=message):
+            config_from_dict(values)
+    # YAML 1.1 reads 1e-4 as text; a rate written so is the number.
+    path = tmp_path / "run.yaml"
+    path.write_text("model: some/folder\nlearning_rates: {subject: 1e-4, hfa: 2.0e-4}\n")
+    assert load_config(path).learning_rates == {"subject": 1e-4, "hfa": 2e-4}
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    with pytest.raises(MagDiffInputError, match="use_8bit_adam needs bitsandbytes, which is not installed"):
+        config_from_dict({"use_8bit_adam": True})

@@ -273,9 +273,10 @@ def cast_for_training(
     originals: dict[str, dict[str, torch.Tensor]] = {}
     if weight_dtype == torch.float32:
         return originals
+    trained_modules = {id(module) for module in trained.modules()}
     for name in ("vae", "image_encoder", "text_encoder"):
         component = getattr(pipeline, name, None)
-        if component is None or any(p.requires_grad for p in component.parameters()):
+        if component is None or id(component) in trained_modules:  # a text encoder that trains stays float32
             continue
         originals[name] = {key: value.detach().to("cpu", copy=True) for key, value in component.state_dict().items()}
         component.to(dtype=weight_dtype)
