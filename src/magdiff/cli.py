@@ -194,6 +194,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(args.config, overrides=overrides)
     else:
         config = config_from_dict(overrides, get_preset(args.preset))
+    if args.plan:  # the memory planner: build the model, count, estimate; no training
+        from .training.planner import plan_for_config
+
+        print(plan_for_config(config, args.gpu_memory, args.num_gpus, args.zero_stage))
+        return
     from .training.trainer import train  # after the config is checked: a bad value fails before the heavy imports
 
     if args.prepare_only:
@@ -534,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-progress", action="store_true")
     prepare_help = "only build the cache of encoded clips (before a multi-process launch)"
     train_parser.add_argument("--prepare-only", action="store_true", help=prepare_help)
+    plan_help = "print the parameters and the estimated peak memory per GPU of the config, then stop"
+    train_parser.add_argument("--plan", action="store_true", help=plan_help)
+    train_parser.add_argument("--gpu-memory", default=None, help="with --plan: GPU size, e.g. 24GB (largest batch)")
+    train_parser.add_argument("--num-gpus", type=int, default=1, help="with --plan: GPUs the run shards over")
+    train_parser.add_argument("--zero-stage", type=int, default=0, help="with --plan: ZeRO stage 0-3 (3 = FSDP)")
     train_parser.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a model or a folder of videos")

@@ -213,3 +213,57 @@ def test_training_config_validates_the_scale_keys(tmp_path, monkeypatch):
     )
     with pytest.raises(MagDiffInputError, match="use_8bit_adam needs bitsandbytes, which is not installed"):
         config_from_dict({"use_8bit_adam": True})
+
+
+# ---------------------------------------------------------------------- the memory planner
+
+
+def test_memory_planner_by_role_precision_and_zero_stage():
+    from magdiff.training.config import TrainConfig
+    from magdiff.training.planner import (
+        GIB,
+        ParameterCounts,
+        estimate_memory,
+        largest_batch,
+        parse_memory,
+        sd15_magdiff_unet,
+    )
+    from magdiff.training.planner import count_parameters as count
+
+    counts = ParameterCounts(trainable=100, frozen_unet=50, frozen_components={"vae": 10})
+    plain = estimate_memory(counts, TrainConfig(batch_size=1, num_frames=1), latent_size=1)
+    assert (plain.weights, plain.gradients, plain.optimizer) == (4 * 100 + 4 * 50 + 4 * 10, 400, 800)
+    half = estimate_memory(counts, TrainConfig(mixed_precision="fp16", use_8bit_adam=False), latent_size=1)
+    assert half.weights == 4 * 100 + 4 * 50 + 2 * 10  # trainable float32, frozen encoders in the weight dtype
+    config = TrainConfig(batch_size=2, num_frames=16)
+    zero2 = estimate_memory(counts, config, latent_size=1, num_gpus=8, zero_stage=2)
+    assert (zero2.gradients, zero2.optimizer) == (50, 100)
+    zero3 = estimate_memory(counts, config, latent_size=1, num_gpus=8, zero_stage=3)
+    assert zero3.weights == 50 + 200 + 40
+    # Activations scale with batch x frames x latent pixels; checkpointing and half precision shrink them.
+    base = TrainConfig(batch_size=1, num_frames=8)
+    one = estimate_memory(counts, base, latent_size=32).activations
+    assert estimate_memory(counts, base, latent_size=32, batch_size=3).activations == pytest.approx(3 * one)
+    assert estimate_memory(counts, base, latent_size=64).activations == pytest.approx(4 * one)
+    checkpointed = TrainConfig(batch_size=1, num_frames=8, gradient_checkpointing=True)
+    assert estimate_memory(counts, checkpointed, latent_size=32).activations < one / 3
+    # The largest batch fits and one more does not.
+    sd15 = count(sd15_magdiff_unet("meta"), {"vae": 83_653_863}, "magdiff")
+    assert 700e6 < sd15.trainable < 850e6 and sd15.frozen_unet > 500e6  # the paper's selection of SD-1.5 + motion
+    recipe = TrainConfig(num_frames=16, mixed_precision="bf16", gradient_checkpointing=True)
+    fits = largest_batch(sd15, recipe, 80 * GIB, latent_size=32)
+    assert fits >= 1
+    assert estimate_memory(sd15, recipe, latent_size=32, batch_size=fits).total <= 80 * GIB
+    assert estimate_memory(sd15, recipe, latent_size=32, batch_size=fits + 1).total > 80 * GIB
+    assert parse_memory("24GB") == parse_memory("24 GiB") == 24 * GIB
+
+
+def test_train_plan_prints_the_plan_without_training(tmp_path, capsys):
+    from magdiff.cli import main
+
+    output = tmp_path / "run"
+    main(["train", "--preset", "world-tiny", "--output-dir", str(output), "--plan", "--gpu-memory", "24GB"])
+    report = capsys.readouterr().out
+    assert "trainable" in report and "frozen" in report and "peak memory per GPU" in report
+    assert "largest batch_size that fits 24 GiB per GPU:" in report and "how:" in report
+    assert not (output / "checkpoints").exists()

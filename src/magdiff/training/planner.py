@@ -111,8 +111,8 @@ def estimate_memory(
     half = config.mixed_precision in ("bf16", "fp16")
     shards = max(1, num_gpus)
     trainable_weights = 4.0 * counts.trainable / (shards if zero_stage >= 3 else 1)
-    weights = trainable_weights + 4.0 * counts.frozen_unet + (2.0 if half else 4.0) * sum(
-        counts.frozen_components.values()
+    weights = (
+        trainable_weights + 4.0 * counts.frozen_unet + (2.0 if half else 4.0) * sum(counts.frozen_components.values())
     )
     gradients = 4.0 * counts.trainable / (shards if zero_stage >= 2 else 1)
     optimizer = (2.0 if config.use_8bit_adam else 8.0) * counts.trainable / (shards if zero_stage >= 1 else 1)
@@ -169,9 +169,7 @@ def format_plan(
     return "\n".join(lines)
 
 
-def plan_for_config(
-    config: TrainConfig, gpu_memory: str | None = None, num_gpus: int = 1, zero_stage: int = 0
-) -> str:
+def plan_for_config(config: TrainConfig, gpu_memory: str | None = None, num_gpus: int = 1, zero_stage: int = 0) -> str:
     """Build ``config``'s model (its ``model`` folder, or the world model) and report its plan."""
     from .trainer import build_pipeline
 
