@@ -267,3 +267,90 @@ def test_train_plan_prints_the_plan_without_training(tmp_path, capsys):
     assert "trainable" in report and "frozen" in report and "peak memory per GPU" in report
     assert "largest batch_size that fits 24 GiB per GPU:" in report and "how:" in report
     assert not (output / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------- the real shape
+
+
+@pytest.mark.slow
+def test_sd15_shaped_magdiff_trains_with_checkpointing_accumulation_bf16_then_resumes_and_exports(tmp_path):
+    """SD-1.5-shaped MagDiff, random weights: block widths 320/640/1280/1280, AnimateDiff's motion modules, a
+    Resampler of 16 tokens per slot over 257 ViT-H-wide (1280) image tokens, 768-wide text; small VAE and one-layer
+    encoders of the real widths. 8 frames at 32 px (latent 16x16); two optimiser steps of 2 accumulated micro-steps
+    with gradient checkpointing and bf16; a checkpoint after step 1, resumed to step 2, exported and loaded back."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from magdiff import MagDiffPipeline
+    from magdiff.tiny import tiny_scheduler, tiny_stable_diffusion, tiny_vae
+    from magdiff.training.config import config_from_dict, get_preset
+    from magdiff.training.planner import sd15_magdiff_unet
+    from magdiff.training.trainer import train
+
+    torch.manual_seed(0)
+    tokenizer = tiny_stable_diffusion(0).tokenizer
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=64,
+        num_attention_heads=12,
+        num_hidden_layers=1,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1,
+        pad_token_id=len(tokenizer) - 1,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=1280,
+        image_size=224,
+        patch_size=14,  # 16 x 16 patches + the class token: IP-Adapter-Plus's 257 image tokens
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        intermediate_size=64,
+        projection_dim=64,
+    )
+    unet = sd15_magdiff_unet()
+    assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert unet.config.num_image_tokens == 16 and unet.config.image_embed_dim == 1280
+    pipeline = MagDiffPipeline(
+        vae=tiny_vae(0),
+        text_encoder=CLIPTextModel(text_config).eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        image_encoder=CLIPVisionModelWithProjection(vision_config).eval(),
+    )
+    base = tmp_path / "sd15"
+    pipeline.save_pretrained(base, safe_serialization=True)
+    del pipeline, unet
+
+    values = {
+        "model": str(base),
+        "trainable": "magdiff",
+        "resolution": 32,
+        "num_frames": 8,
+        "num_train_samples": 2,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True,
+        "mixed_precision": "bf16",
+        "learning_rate": 1e-5,
+        "learning_rates": {"subject": 1e-4, "hfa": 1e-4},
+        "warmup_steps": 0,
+        "max_steps": 1,
+        "checkpoint_every": 1,
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    train(config_from_dict(values, get_preset("world-tiny")), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step_000001").is_dir()
+    exported = train(config_from_dict({**values, "max_steps": 2}, get_preset("world-tiny")), resume="latest")
+    assert (tmp_path / "run" / "checkpoints" / "step_000002").is_dir()
+
+    loaded = MagDiffPipeline.from_pretrained(exported, use_safetensors=True)
+    assert tuple(loaded.unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}
+    before = MagDiffPipeline.from_pretrained(base, use_safetensors=True).unet.state_dict()
+    after = loaded.unet.state_dict()
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert any("motion_modules" in key for key in changed) and any(key.startswith("resampler.") for key in changed)
+    assert all(torch.equal(before[key], after[key]) for key in before if ".resnets." in key)  # frozen: unchanged
