@@ -29,8 +29,10 @@ from .config import TrainConfig
 GIB = 1024**3
 
 #: Activation bytes per (clip x frame x latent pixel) of a float32 training step of the SD-1.5-shaped MagDiff U-Net,
-#: measured on the CPU with ``scripts/measure_training_memory.py`` (see docs/training_at_scale.md for the figures).
-ACTIVATION_BYTES_PER_ELEMENT = {False: 2.6e6, True: 0.45e6}
+#: measured on the CPU with ``scripts/measure_training_memory.py``: the figures of 4 frames at latent 16x16 (0.82 MB
+#: without checkpointing, 0.37 MB with it; at 8x8 the fixed costs of the subject encoders make them 1.39 / 0.57 MB),
+#: so the estimate errs on the safe side at larger sizes (the slope between the two sizes is 0.62 / 0.30 MB).
+ACTIVATION_BYTES_PER_ELEMENT = {False: 0.82e6, True: 0.37e6}
 
 #: The SD-1.5 U-Net's widest level: activation coefficients scale with a model's width relative to it.
 SD15_WIDTH = 320
