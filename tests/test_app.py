@@ -228,3 +228,30 @@ def test_in_a_browser_generate_shows_a_video_of_the_asked_length_and_a_bad_uploa
         assert "Traceback" not in body
     finally:
         driver.quit()
+
+
+def test_an_edit_without_masks_segments_the_source_once(saved_tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from magdiff import segmentation
+    from magdiff.app import MagDiffApp
+    from magdiff.loading import load_pipeline
+    from magdiff.media import save_video
+
+    frames = torch.full((4, 3, 16, 16), -0.6)
+    frames[:, 0, 4:12, 4:12] = 0.8
+    source = save_video(frames, tmp_path / "source.mp4")
+    calls: list[int] = []
+    segment = segmentation.segment_video
+
+    def counting(video, *args, **kwargs):
+        calls.append(len(video))
+        return segment(video, *args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "segment_video", counting)
+    app = MagDiffApp(load_pipeline(str(saved_tiny_model), device="cpu"), tmp_path / "out")
+    seen: dict = {}
+    monkeypatch.setattr(app, "_run", lambda progress, seed, **inputs: seen.update(inputs) or "edited.mp4")
+    app.edit(str(source), None, "a cat on a blue background", "subject", False, 2, 7.5, 0)
+    assert calls == [4]  # the preview's segmentation is the edit's: not run again by the pipeline
+    assert seen["video_masks"] is not None and seen["video_masks"].shape[0] == 4

@@ -172,7 +172,8 @@ class MagDiffApp:
     # ------------------------------------------------------------------ edit
 
     def source(self, video: str | None, masks: str | None) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
-        """The source frames and masks as ``magdiff edit`` loads them, and the masks over the frames."""
+        """The source frames, their masks (the uploaded ones, or segmented as the pipeline would segment them) and
+        the masks over the frames."""
         from .media import load_masks, load_video, probe_video
         from .segmentation import segment_video
 
@@ -185,8 +186,8 @@ class MagDiffApp:
         if masks:
             expected = (info.height, info.width)
             loaded = load_masks(masks, num_frames=len(frames), size=size, expected_size=expected)
-        shown = loaded if loaded is not None else segment_video(frames)
-        return frames, loaded, _mask_overlay(frames, shown)
+        used = loaded if loaded is not None else segment_video(frames)
+        return frames, used, _mask_overlay(frames, used)
 
     def preview_source(self, video: str | None, masks: str | None) -> np.ndarray | None:
         if not video:
@@ -209,7 +210,7 @@ class MagDiffApp:
         from .media import save_video
 
         def run() -> tuple[np.ndarray, str, str]:
-            frames, loaded, overlay = self.source(video, masks)
+            frames, used, overlay = self.source(video, masks)  # segmented once, for the preview and the edit
             if invert:
                 check_invertible(self.pipeline.scheduler)
             result = self._run(
@@ -220,7 +221,7 @@ class MagDiffApp:
                 guidance_scale=float(guidance_scale),
                 seed=int(seed),
                 video=frames,
-                video_masks=loaded,
+                video_masks=used,
                 keep=keep,
                 invert=bool(invert),
             )
