@@ -117,14 +117,15 @@ def test_inverted_editing_is_an_opt_in_task():
     assert results["editing_inverted/mask_iou"] > 0.95 and results["editing_inverted/count"] == 2
 
 
-def test_merged_shards_equal_one_run():
-    def record(first, count):
-        rows: list[dict] = []
-        results = evaluate_world(
-            OraclePipeline(6), num_samples=count, first_sample=first, per_sample=rows, progress=False
-        )
-        return {"steps": 25, "guidance_scale": 7.5, "seed": 0, "results": results, "per_sample": rows}
+def _shard_record(first: int, count: int) -> dict:
+    """What ``magdiff evaluate world --out`` writes for clips ``first .. first + count - 1``."""
+    rows: list[dict] = []
+    results = evaluate_world(OraclePipeline(6), num_samples=count, first_sample=first, per_sample=rows, progress=False)
+    return {"steps": 25, "guidance_scale": 7.5, "seed": 0, "results": results, "per_sample": rows}
 
+
+def test_merged_shards_equal_one_run():
+    record = _shard_record
     whole = record(0, 4)
     merged = merge_shards([record(0, 1), record(1, 3)])
     assert merged["num_samples"] == 4 and merged["first_sample"] == 0
@@ -171,13 +172,7 @@ def test_user_style_benchmark_scores_the_perfect_answer_perfectly():
 
 
 def test_merged_shards_keep_the_user_style_subjects_of_the_shard_that_ran_them():
-    def record(first, count):
-        rows: list[dict] = []
-        results = evaluate_world(
-            OraclePipeline(6), num_samples=count, first_sample=first, per_sample=rows, progress=False
-        )
-        return {"steps": 25, "guidance_scale": 7.5, "seed": 0, "results": results, "per_sample": rows}
-
+    record = _shard_record
     first, second = record(0, 2), record(2, 2)
     generated = [row for row in first["per_sample"] if row["task"] == "generation"]
     first["per_sample"] += [{**row, "task": "user_style", "index": i} for i, row in enumerate(generated)]
