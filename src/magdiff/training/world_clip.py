@@ -645,9 +645,10 @@ def build_model(config: WorldClipConfig, tokenizer: Any) -> WorldClip:
     if config.train_text == "projection":
         text.text_model.requires_grad_(False)
     model = WorldClip(text, vision, subject_view=config.subject_view)
-    record = Path(config.init_from) / "world_clip.json" if config.init_from is not None else None
-    if record is not None and record.is_file() and "logit_scale" in json.loads(record.read_text()):
-        model.logit_scale.data.fill_(math.log(float(json.loads(record.read_text())["logit_scale"])))
+    record_file = Path(config.init_from) / "world_clip.json" if config.init_from is not None else None
+    record = json.loads(record_file.read_text()) if record_file is not None and record_file.is_file() else {}
+    if "logit_scale" in record:  # the exported temperature
+        model.logit_scale.data.fill_(math.log(float(record["logit_scale"])))
     return model
 
 
