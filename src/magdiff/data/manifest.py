@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from magdiff.data.clips import CROP_MODES, crop_box, decode_clip, fit_size
 from magdiff.errors import MagDiffInputError
 from magdiff.media import (
     IMAGE_SUFFIXES,
@@ -60,6 +61,7 @@ from magdiff.segmentation import SubjectSegmenter, default_segmenter, get_segmen
 
 __all__ = [
     "MANIFEST_SUFFIXES",
+    "ClipKey",
     "ManifestDataset",
     "ManifestEntry",
     "add_segment_dataset_parser",
@@ -392,6 +394,10 @@ def _count_frames(path: Path, entry: ManifestEntry) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: A dataset key: an entry's index, or ``(index, epoch)`` (the epoch changes a random start; see ``clip_start``).
+ClipKey = int | tuple[int, int]
+
+
 class ManifestDataset(Dataset):
     """Training clips from a manifest, shaped like the synthetic world's samples.
 
@@ -400,15 +406,21 @@ class ManifestDataset(Dataset):
         {"frames": float32 (F, 3, H, W) in [-1, 1], "masks": float32 (F, 1, H, W) in {0, 1},
          "caption": str, "meta": dict}
 
-    resized (stretched, not cropped) to ``size=(height, width)``: frames with a bicubic filter, masks with nearest
-    neighbour. ``meta`` is JSON-serialisable: ``manifest, line, index, video, masks`` (path or ``None``),
-    ``mask_source`` (``"file"`` or ``"segmenter"``), ``start`` (first frame of the clip), ``stride``, ``num_frames``,
-    ``source_size`` ``[height, width]`` and ``entry`` (the entry's own extra fields). Batch it with
-    ``collate_fn=list`` (entries' extra fields may differ).
+    at ``size=(height, width)``: ``crop="stretch"`` resizes the frames to it (the aspect ratio changes),
+    ``crop="center"`` resizes them to cover it and keeps the centre (:func:`magdiff.data.clips.fit_size`); frames
+    with a bicubic filter, masks with nearest neighbour, both the same way. ``meta`` is JSON-serialisable:
+    ``manifest, line, index, video, masks`` (path or ``None``), ``mask_source`` (``"file"`` or ``"segmenter"``),
+    ``start`` (first frame of the clip), ``stride``, ``num_frames``, ``epoch``, ``crop``, ``source_size``
+    ``[height, width]`` and ``entry`` (the entry's own extra fields). Batch it with ``collate_fn=list`` (entries'
+    extra fields may differ).
+
+    Only the clip's frames are decoded: a video file is read with :func:`magdiff.data.clips.decode_clip`, which
+    seeks to the key frame before the clip's first frame; a frame folder reads only the clip's images.
 
     ``start="first"`` always takes the clip from frame 0; ``start="random"`` draws the first frame uniformly among
-    those that leave room for the clip, from a generator seeded by ``(seed, index)``: the same item is the same clip
-    every time. To see other clips in a new epoch, change :attr:`seed` (e.g. ``base_seed + epoch``).
+    those that leave room for the clip, from a generator seeded by ``(seed, index)`` for epoch 0 and
+    ``(seed, index, epoch)`` for a later epoch: the same key is the same clip every time, in any process or data
+    loader worker. An item is read as ``dataset[index]`` (epoch 0) or ``dataset[(index, epoch)]``.
 
     Masks come from the entry's ``masks`` (checked against the source size of the video). Entries without masks are
     an error at construction when ``require_masks`` is true (run ``magdiff segment-dataset`` first); otherwise each
@@ -430,17 +442,9 @@ class ManifestDataset(Dataset):
         require_masks: bool = True,
         seed: int = 0,
         segmenter: SubjectSegmenter | str | None = None,
+        crop: str = "stretch",
     ) -> None:
-        self.num_frames = _check_positive_int(num_frames, "num_frames")
-        self.size = _check_size(size)
-        self.stride = _check_positive_int(stride, "stride")
-        if start not in ("first", "random"):
-            raise MagDiffInputError(f"start must be 'first' or 'random', got {start!r}.")
-        self.start = start
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise MagDiffInputError(f"seed must be a non-negative integer, got {seed!r}.")
-        self.seed = seed
-        self.require_masks = bool(require_masks)
+        self._set_sampling(num_frames, size, stride, start, seed, crop, require_masks, segmenter)
         self.entries = read_manifest(manifest_path)
         self.manifest_path = self.entries[0].manifest
         without = [entry for entry in self.entries if entry.masks is None]
@@ -450,8 +454,35 @@ class ManifestDataset(Dataset):
                 f"manifest {str(self.manifest_path)!r}: {len(without)} of {len(self.entries)} entries have no "
                 f"'masks' (first: line {first.line}, video {str(first.video)!r}); training needs a subject mask per "
                 f"frame. Run `{_SEGMENT_HINT} --manifest {self.manifest_path} --out DIR` and train on "
-                "DIR/manifest.jsonl, or pass require_masks=False to segment every clip on the fly (slow, not cached)."
+                "DIR/manifest.jsonl, or pass require_masks=False (`masks: auto` in a training config) to segment "
+                "every clip on the fly (slow, not cached)."
             )
+
+    def _set_sampling(
+        self,
+        num_frames: int,
+        size: int | tuple[int, int],
+        stride: int,
+        start: str,
+        seed: int,
+        crop: str,
+        require_masks: bool,
+        segmenter: SubjectSegmenter | str | None,
+    ) -> None:
+        """Check and keep how clips are sampled (shared with :class:`magdiff.data.shards.ShardDataset`)."""
+        self.num_frames = _check_positive_int(num_frames, "num_frames")
+        self.size = _check_size(size)
+        self.stride = _check_positive_int(stride, "stride")
+        if start not in ("first", "random"):
+            raise MagDiffInputError(f"start must be 'first' or 'random', got {start!r}.")
+        self.start = start
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise MagDiffInputError(f"seed must be a non-negative integer, got {seed!r}.")
+        self.seed = seed
+        if crop not in CROP_MODES:
+            raise MagDiffInputError(f"crop must be one of {CROP_MODES}, got {crop!r}.")
+        self.crop = crop
+        self.require_masks = bool(require_masks)
         self._segmenter_spec = segmenter
         self._segmenter: SubjectSegmenter | None = None
         self._frame_counts: dict[int, int] = {}
@@ -468,70 +499,107 @@ class ManifestDataset(Dataset):
         if info.num_frames is not None:
             return info.num_frames
         if self.start != "random":
-            return None  # load_video finds out while decoding
+            return None  # decoding finds out
         if index not in self._frame_counts:
             self._frame_counts[index] = _count_frames(entry.video, entry)
         return self._frame_counts[index]
 
-    def clip_start(self, index: int, total_frames: int) -> int:
-        """First frame of item ``index``'s clip in a video of ``total_frames`` frames (0 for ``start="first"``)."""
+    def clip_start(self, index: int, total_frames: int, epoch: int = 0) -> int:
+        """First frame of entry ``index``'s clip in epoch ``epoch``, in a video of ``total_frames`` frames (0 for
+        ``start="first"``)."""
         room = total_frames - self.clip_span
         if self.start == "first" or room <= 0:
             return 0
-        return int(np.random.default_rng([self.seed, index]).integers(0, room + 1))
+        key = [self.seed, index] if epoch == 0 else [self.seed, index, epoch]  # epoch 0: the draw of before epochs
+        return int(np.random.default_rng(key).integers(0, room + 1))
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: ClipKey) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         if index < 0:
             index += len(self.entries)
         if not 0 <= index < len(self.entries):
             raise IndexError(f"index {index} out of range for a ManifestDataset of {len(self.entries)} entries")
         entry = self.entries[index]
         try:
-            return self._load(index, entry)
+            return self._load(index, entry, epoch)
         except MagDiffInputError as error:
             if str(error).startswith("manifest "):
                 raise
             raise MagDiffInputError(f"{entry.where}: {error}") from error
 
-    def _load(self, index: int, entry: ManifestEntry) -> dict[str, Any]:
+    def _load(self, index: int, entry: ManifestEntry, epoch: int) -> dict[str, Any]:
         info = probe_video(entry.video)
-        total = self._frame_count(index, entry, info)
+        return self._clip(index, epoch, entry, info, self._frame_count(index, entry, info), entry.video, entry.masks)
+
+    def _clip(
+        self,
+        index: int,
+        epoch: int,
+        entry: ManifestEntry,
+        info: VideoInfo,
+        total: int | None,
+        video: Path | bytes,
+        masks: Path | np.ndarray | None,
+    ) -> dict[str, Any]:
+        """The clip of ``entry`` (index ``index``) in epoch ``epoch``, from ``video`` (a file, a frame folder or a
+        video's bytes) and ``masks`` (a mask folder or video, boolean ``(T, H, W)`` masks of every source frame,
+        or ``None`` to segment)."""
         if total is not None and total < self.clip_span:
             raise MagDiffInputError(
                 f"{entry.where}: the video {str(entry.video)!r} has {total} frames but a clip of num_frames="
                 f"{self.num_frames} with stride={self.stride} needs {self.clip_span}; use a longer video, a smaller "
-                "num_frames or stride, or remove the entry."
+                "num_frames or stride (frame_stride), or remove the entry."
             )
-        first = self.clip_start(index, total) if total is not None else 0
-        if entry.masks is not None:
-            frames = load_video(
-                entry.video, num_frames=self.num_frames, size=self.size, start=first, stride=self.stride
-            )
-            # load_masks reads the first N masks; read up to the clip's last frame and pick the clip's ones.
-            masks = load_masks(
-                entry.masks,
-                num_frames=first + self.clip_span,
-                size=self.size,
-                expected_size=(info.height, info.width),
-            )[first :: self.stride][: self.num_frames]
+        first = self.clip_start(index, total, epoch) if total is not None else 0
+        source_size = (info.height, info.width)
+        if isinstance(video, Path) and video.is_dir():
+            source = load_video(video, num_frames=self.num_frames, start=first, stride=self.stride)
+        else:
+            what = f"the video {str(entry.video)!r}"
+            arrays = decode_clip(video, start=first, num_frames=self.num_frames, stride=self.stride, what=what)
+            source = torch.stack([image_to_tensor(array) for array in arrays])
+        resized = fit_size(source_size, self.size, self.crop)
+        picked = [first + self.stride * i for i in range(self.num_frames)]
+        if masks is not None:
+            if isinstance(masks, np.ndarray):
+                if len(masks) < picked[-1] + 1:
+                    raise MagDiffInputError(
+                        f"the masks of {str(entry.video)!r} cover {len(masks)} frames but the clip needs frame "
+                        f"{picked[-1]}; supply one mask per frame."
+                    )
+                clip_masks = masks[picked]
+                empty = [frame for frame, mask in zip(picked, clip_masks) if not mask.any()]
+                if empty:
+                    raise MagDiffInputError(
+                        f"the mask of frame {empty[0]} of {str(entry.video)!r} is empty; every frame needs a "
+                        "non-empty mask. Fix the masks or let magdiff segment the video (masks: auto)."
+                    )
+            else:
+                # load_masks reads the first N masks; read up to the clip's last frame and pick the clip's ones.
+                loaded = load_masks(
+                    masks, num_frames=first + self.clip_span, size=source_size, expected_size=source_size
+                )
+                clip_masks = loaded[first :: self.stride][: self.num_frames, 0].numpy() > 0.5
             mask_source = "file"
         else:
-            source = load_video(entry.video, num_frames=self.num_frames, start=first, stride=self.stride)
             if self._segmenter is None:
                 self._segmenter = _as_segmenter(self._segmenter_spec)
-            height, width = source.shape[-2:]
-            small = _resize_frames(source, _segmentation_size(height, width, SEGMENTATION_MAX_SIDE))
-            segmented = _segment(small, self._segmenter, entry, first, self.stride)
-            resized = _resize_masks_nearest(segmented, self.size)
-            vanished = [first + self.stride * i for i, mask in enumerate(resized) if not mask.any()]
-            if vanished:
-                raise MagDiffInputError(
-                    f"{entry.where}: the subject found in frame {vanished[0]} of {str(entry.video)!r} vanishes when "
-                    f"resized to {self.size[0]}x{self.size[1]} (height x width); use a larger size or supply masks."
-                )
-            frames = _resize_frames(source, self.size)
-            masks = torch.from_numpy(resized).unsqueeze(1).float()
+            small = _resize_frames(source, _segmentation_size(*source_size, SEGMENTATION_MAX_SIDE))
+            clip_masks = _segment(small, self._segmenter, entry, first, self.stride)
             mask_source = "segmenter"
+        top, left = crop_box(resized, self.size)
+        height, width = self.size
+        fitted = _resize_masks_nearest(clip_masks, resized)[:, top : top + height, left : left + width]
+        vanished = [frame for frame, mask in zip(picked, fitted) if not mask.any()]
+        if vanished:
+            where = "outside the centre crop or " if self.crop == "center" else ""
+            raise MagDiffInputError(
+                f"{entry.where}: the subject in frame {vanished[0]} of {str(entry.video)!r} is {where}too small: its "
+                f"mask is empty at {height}x{width} (height x width); use a larger size, crop: stretch, or other "
+                "masks."
+            )
+        frames = _resize_frames(source, resized)[..., top : top + height, left : left + width].contiguous()
+        frames, masks_tensor = frames.float(), torch.from_numpy(np.ascontiguousarray(fitted)).unsqueeze(1).float()
         meta: dict[str, Any] = {
             "manifest": str(entry.manifest) if entry.manifest else None,
             "line": entry.line,
@@ -542,14 +610,15 @@ class ManifestDataset(Dataset):
             "start": first,
             "stride": self.stride,
             "num_frames": self.num_frames,
+            "epoch": epoch,
+            "crop": self.crop,
             "source_size": [info.height, info.width],
             "entry": dict(entry.meta),
         }
-        frames, masks = frames.float(), masks.float()
         return {
             "frames": frames,
-            "masks": masks,
-            "subject_slots": cut_out(frames, masks),
+            "masks": masks_tensor,
+            "subject_slots": cut_out(frames, masks_tensor),
             "caption": entry.caption,
             "meta": meta,
         }
