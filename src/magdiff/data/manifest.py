@@ -62,6 +62,7 @@ from magdiff.segmentation import SubjectSegmenter, default_segmenter, get_segmen
 __all__ = [
     "MANIFEST_SUFFIXES",
     "ClipKey",
+    "ClipSampling",
     "ManifestDataset",
     "ManifestEntry",
     "add_segment_dataset_parser",
@@ -398,65 +399,17 @@ def _count_frames(path: Path, entry: ManifestEntry) -> int:
 ClipKey = int | tuple[int, int]
 
 
-class ManifestDataset(Dataset):
-    """Training clips from a manifest, shaped like the synthetic world's samples.
+class ClipSampling:
+    """How clips are sampled from videos and fitted to the training size, shared by :class:`ManifestDataset` and
+    :class:`magdiff.data.shards.ShardDataset` (see :class:`ManifestDataset` for the rules)."""
 
-    Item ``i`` is a clip of ``num_frames`` frames, ``stride`` apart, of entry ``i``::
-
-        {"frames": float32 (F, 3, H, W) in [-1, 1], "masks": float32 (F, 1, H, W) in {0, 1},
-         "caption": str, "meta": dict}
-
-    at ``size=(height, width)``: ``crop="stretch"`` resizes the frames to it (the aspect ratio changes),
-    ``crop="center"`` resizes them to cover it and keeps the centre (:func:`magdiff.data.clips.fit_size`); frames
-    with a bicubic filter, masks with nearest neighbour, both the same way. ``meta`` is JSON-serialisable:
-    ``manifest, line, index, video, masks`` (path or ``None``), ``mask_source`` (``"file"`` or ``"segmenter"``),
-    ``start`` (first frame of the clip), ``stride``, ``num_frames``, ``epoch``, ``crop``, ``source_size``
-    ``[height, width]`` and ``entry`` (the entry's own extra fields). Batch it with ``collate_fn=list`` (entries'
-    extra fields may differ).
-
-    Only the clip's frames are decoded: a video file is read with :func:`magdiff.data.clips.decode_clip`, which
-    seeks to the key frame before the clip's first frame; a frame folder reads only the clip's images.
-
-    ``start="first"`` always takes the clip from frame 0; ``start="random"`` draws the first frame uniformly among
-    those that leave room for the clip, from a generator seeded by ``(seed, index)`` for epoch 0 and
-    ``(seed, index, epoch)`` for a later epoch: the same key is the same clip every time, in any process or data
-    loader worker. An item is read as ``dataset[index]`` (epoch 0) or ``dataset[(index, epoch)]``.
-
-    Masks come from the entry's ``masks`` (checked against the source size of the video). Entries without masks are
-    an error at construction when ``require_masks`` is true (run ``magdiff segment-dataset`` first); otherwise each
-    clip is segmented when loaded with :func:`magdiff.segmentation.segment_video` and ``segmenter`` (default GrabCut),
-    which is slow and not cached.
-
-    Videos are opened only in ``__getitem__``. A missing, corrupt or too short video, or bad masks, raise
-    :class:`MagDiffInputError` naming the manifest line and the file.
-    """
-
-    def __init__(
-        self,
-        manifest_path: str | os.PathLike[str],
-        *,
-        num_frames: int = 8,
-        size: int | tuple[int, int] = (64, 64),
-        stride: int = 1,
-        start: str = "first",
-        require_masks: bool = True,
-        seed: int = 0,
-        segmenter: SubjectSegmenter | str | None = None,
-        crop: str = "stretch",
-    ) -> None:
-        self._set_sampling(num_frames, size, stride, start, seed, crop, require_masks, segmenter)
-        self.entries = read_manifest(manifest_path)
-        self.manifest_path = self.entries[0].manifest
-        without = [entry for entry in self.entries if entry.masks is None]
-        if without and self.require_masks:
-            first = without[0]
-            raise MagDiffInputError(
-                f"manifest {str(self.manifest_path)!r}: {len(without)} of {len(self.entries)} entries have no "
-                f"'masks' (first: line {first.line}, video {str(first.video)!r}); training needs a subject mask per "
-                f"frame. Run `{_SEGMENT_HINT} --manifest {self.manifest_path} --out DIR` and train on "
-                "DIR/manifest.jsonl, or pass require_masks=False (`masks: auto` in a training config) to segment "
-                "every clip on the fly (slow, not cached)."
-            )
+    num_frames: int
+    size: tuple[int, int]
+    stride: int
+    start: str
+    seed: int
+    crop: str
+    require_masks: bool
 
     def _set_sampling(
         self,
@@ -492,18 +445,6 @@ class ManifestDataset(Dataset):
         """How many consecutive source frames one clip covers: ``(num_frames - 1) * stride + 1``."""
         return (self.num_frames - 1) * self.stride + 1
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _frame_count(self, index: int, entry: ManifestEntry, info: VideoInfo) -> int | None:
-        if info.num_frames is not None:
-            return info.num_frames
-        if self.start != "random":
-            return None  # decoding finds out
-        if index not in self._frame_counts:
-            self._frame_counts[index] = _count_frames(entry.video, entry)
-        return self._frame_counts[index]
-
     def clip_start(self, index: int, total_frames: int, epoch: int = 0) -> int:
         """First frame of entry ``index``'s clip in epoch ``epoch``, in a video of ``total_frames`` frames (0 for
         ``start="first"``)."""
@@ -512,24 +453,6 @@ class ManifestDataset(Dataset):
             return 0
         key = [self.seed, index] if epoch == 0 else [self.seed, index, epoch]  # epoch 0: the draw of before epochs
         return int(np.random.default_rng(key).integers(0, room + 1))
-
-    def __getitem__(self, key: ClipKey) -> dict[str, Any]:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        if index < 0:
-            index += len(self.entries)
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f"index {index} out of range for a ManifestDataset of {len(self.entries)} entries")
-        entry = self.entries[index]
-        try:
-            return self._load(index, entry, epoch)
-        except MagDiffInputError as error:
-            if str(error).startswith("manifest "):
-                raise
-            raise MagDiffInputError(f"{entry.where}: {error}") from error
-
-    def _load(self, index: int, entry: ManifestEntry, epoch: int) -> dict[str, Any]:
-        info = probe_video(entry.video)
-        return self._clip(index, epoch, entry, info, self._frame_count(index, entry, info), entry.video, entry.masks)
 
     def _clip(
         self,
@@ -622,6 +545,97 @@ class ManifestDataset(Dataset):
             "caption": entry.caption,
             "meta": meta,
         }
+
+
+class ManifestDataset(ClipSampling, Dataset):
+    """Training clips from a manifest, shaped like the synthetic world's samples.
+
+    Item ``i`` is a clip of ``num_frames`` frames, ``stride`` apart, of entry ``i``::
+
+        {"frames": float32 (F, 3, H, W) in [-1, 1], "masks": float32 (F, 1, H, W) in {0, 1},
+         "caption": str, "meta": dict}
+
+    at ``size=(height, width)``: ``crop="stretch"`` resizes the frames to it (the aspect ratio changes),
+    ``crop="center"`` resizes them to cover it and keeps the centre (:func:`magdiff.data.clips.fit_size`); frames
+    with a bicubic filter, masks with nearest neighbour, both the same way. ``meta`` is JSON-serialisable:
+    ``manifest, line, index, video, masks`` (path or ``None``), ``mask_source`` (``"file"`` or ``"segmenter"``),
+    ``start`` (first frame of the clip), ``stride``, ``num_frames``, ``epoch``, ``crop``, ``source_size``
+    ``[height, width]`` and ``entry`` (the entry's own extra fields). Batch it with ``collate_fn=list`` (entries'
+    extra fields may differ).
+
+    Only the clip's frames are decoded: a video file is read with :func:`magdiff.data.clips.decode_clip`, which
+    seeks to the key frame before the clip's first frame; a frame folder reads only the clip's images.
+
+    ``start="first"`` always takes the clip from frame 0; ``start="random"`` draws the first frame uniformly among
+    those that leave room for the clip, from a generator seeded by ``(seed, index)`` for epoch 0 and
+    ``(seed, index, epoch)`` for a later epoch: the same key is the same clip every time, in any process or data
+    loader worker. An item is read as ``dataset[index]`` (epoch 0) or ``dataset[(index, epoch)]``.
+
+    Masks come from the entry's ``masks`` (checked against the source size of the video). Entries without masks are
+    an error at construction when ``require_masks`` is true (run ``magdiff segment-dataset`` first); otherwise each
+    clip is segmented when loaded with :func:`magdiff.segmentation.segment_video` and ``segmenter`` (default GrabCut),
+    which is slow and not cached.
+
+    Videos are opened only in ``__getitem__``. A missing, corrupt or too short video, or bad masks, raise
+    :class:`MagDiffInputError` naming the manifest line and the file.
+    """
+
+    def __init__(
+        self,
+        manifest_path: str | os.PathLike[str],
+        *,
+        num_frames: int = 8,
+        size: int | tuple[int, int] = (64, 64),
+        stride: int = 1,
+        start: str = "first",
+        require_masks: bool = True,
+        seed: int = 0,
+        segmenter: SubjectSegmenter | str | None = None,
+        crop: str = "stretch",
+    ) -> None:
+        self._set_sampling(num_frames, size, stride, start, seed, crop, require_masks, segmenter)
+        self.entries = read_manifest(manifest_path)
+        self.manifest_path = self.entries[0].manifest
+        without = [entry for entry in self.entries if entry.masks is None]
+        if without and self.require_masks:
+            first = without[0]
+            raise MagDiffInputError(
+                f"manifest {str(self.manifest_path)!r}: {len(without)} of {len(self.entries)} entries have no "
+                f"'masks' (first: line {first.line}, video {str(first.video)!r}); training needs a subject mask per "
+                f"frame. Run `{_SEGMENT_HINT} --manifest {self.manifest_path} --out DIR` and train on "
+                "DIR/manifest.jsonl, or pass require_masks=False (`masks: auto` in a training config) to segment "
+                "every clip on the fly (slow, not cached)."
+            )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _frame_count(self, index: int, entry: ManifestEntry, info: VideoInfo) -> int | None:
+        if info.num_frames is not None:
+            return info.num_frames
+        if self.start != "random":
+            return None  # decoding finds out
+        if index not in self._frame_counts:
+            self._frame_counts[index] = _count_frames(entry.video, entry)
+        return self._frame_counts[index]
+
+    def __getitem__(self, key: ClipKey) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if index < 0:
+            index += len(self.entries)
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"index {index} out of range for a ManifestDataset of {len(self.entries)} entries")
+        entry = self.entries[index]
+        try:
+            return self._load(index, entry, epoch)
+        except MagDiffInputError as error:
+            if str(error).startswith("manifest "):
+                raise
+            raise MagDiffInputError(f"{entry.where}: {error}") from error
+
+    def _load(self, index: int, entry: ManifestEntry, epoch: int) -> dict[str, Any]:
+        info = probe_video(entry.video)
+        return self._clip(index, epoch, entry, info, self._frame_count(index, entry, info), entry.video, entry.masks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
