@@ -163,3 +163,28 @@ def test_world_unet_follows_the_vae_latent_channels():
         vae.save_pretrained(folder, safe_serialization=True)
         config = config_from_dict({"vae": folder, "unet_channels": (16, 32)}, get_preset("world-tiny"))
         assert build_pipeline(config).unet.config.in_channels == 8
+
+
+def test_a_new_world_unet_reads_the_view_its_image_tower_was_trained_on(tmp_path):
+    import json
+    import shutil
+
+    from magdiff.training.config import config_from_dict, get_preset
+    from magdiff.training.trainer import build_pipeline
+    from magdiff.world_model import WORLD_CLIP_DIR, world_clip_view
+
+    assert world_clip_view() == "crop"  # the packaged tower (version 2) was trained on crop views
+    assert world_clip_view(tmp_path) == "slot"  # no record: the paper's view
+    slot = tmp_path / "slot_clip"
+    shutil.copytree(WORLD_CLIP_DIR, slot)
+    record = json.loads((slot / "world_clip.json").read_text())
+    record["config"]["subject_view"] = "slot"
+    (slot / "world_clip.json").write_text(json.dumps(record))
+    assert world_clip_view(slot) == "slot"
+
+    tiny = {"unet_channels": (16, 32)}
+    assert build_pipeline(config_from_dict(tiny, get_preset("world-tiny"))).unet.config.image_encoder_view == "crop"
+    built = build_pipeline(config_from_dict({**tiny, "clip": str(slot)}, get_preset("world-tiny")))
+    assert built.unet.config.image_encoder_view == "slot"
+    chosen = {**tiny, "clip": str(slot), "image_encoder_view": "crop"}  # the config's word wins
+    assert build_pipeline(config_from_dict(chosen, get_preset("world-tiny"))).unet.config.image_encoder_view == "crop"

@@ -12,6 +12,7 @@ Components, all small enough to ship in the package:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -145,6 +146,16 @@ def world_image_encoder(
         projection_dim=IMAGE_DIM,
     )
     return CLIPVisionModelWithProjection(config).eval()
+
+
+def world_clip_view(path: str | Path | None = None) -> str:
+    """The subject view (``"slot"`` or ``"crop"``, :data:`magdiff.models.unet.IMAGE_ENCODER_VIEWS`) the world
+    CLIP's image tower at ``path`` (default: the packaged one) was trained on, from its ``world_clip.json``; ``"slot"``
+    for towers without a record (random towers, towers from before the crop view)."""
+    record = (Path(path) if path is not None else WORLD_CLIP_DIR) / "world_clip.json"
+    if not record.is_file():
+        return "slot"
+    return str(json.loads(record.read_text()).get("config", {}).get("subject_view", "slot"))
 
 
 def world_vae(path: str | Path | None = None, seed: int = 0) -> AutoencoderKL:

@@ -20,11 +20,15 @@ from typing import Any
 
 import yaml
 
+from ..data.clips import CROP_MODES
 from ..errors import MagDiffInputError
 from ..models.attention import APA_MODES
 from ..models.hfa import HFA_MODES
 
 TIMESTEP_BIASES = ("none", "later", "earlier")
+DATA_MODES = ("cache", "stream")
+FRAME_STARTS = ("first", "random")
+MASK_MODES = ("require", "auto")
 #: The parameter groups ``learning_rates`` can name (``magdiff.training.trainer.parameter_group_name``).
 LEARNING_RATE_GROUPS = ("motion_modules", "spatial", "subject", "hfa", "other")
 
@@ -45,6 +49,31 @@ class TrainConfig:
     """Square training size in pixels (multiple of the VAE factor)."""
     num_train_samples: int = 8000
     """Clips whose latents are cached (world: the training seeds 0..N-1; manifest: its first N entries)."""
+    # ------------------------------------------------------------------ reading the data
+    data_mode: str = "cache"
+    """``"cache"``: the frozen encoders run once over the clips and every step draws from the latent cache
+    (``cache_dir``). ``"stream"``: no cache; every step decodes its clips (a data loader, ``num_workers``) and
+    encodes them with the frozen VAE, image and text encoders in the step, for data too big to cache. Tar shards
+    (``dataset`` a shard folder or pattern) always stream."""
+    num_workers: int = 0
+    """Data loader worker processes that decode streamed clips (``data_mode: stream``); ``0`` decodes in the
+    training process. Workers are persistent and seeded from ``(seed, process, worker)``."""
+    prefetch: int = 2
+    """Batches each worker keeps ready (torch's ``prefetch_factor``), with ``num_workers`` > 0."""
+    frame_stride: int = 1
+    """Manifests and shards: a clip takes every ``frame_stride``-th frame of its video, so it covers
+    ``(num_frames - 1) * frame_stride + 1`` source frames; only those frames are decoded."""
+    frame_start: str = "first"
+    """Manifests and shards: ``"first"`` takes each clip from frame 0, ``"random"`` from a start drawn per clip
+    and epoch from ``(seed, index, epoch)`` (the cache holds epoch 0's clips)."""
+    crop: str = "stretch"
+    """Manifests and shards: ``"stretch"`` resizes frames to ``resolution`` (the aspect ratio changes),
+    ``"center"`` resizes them to cover it and keeps the centre square."""
+    masks: str = "require"
+    """Manifests and shards: ``"require"``: every clip has precomputed masks (``magdiff segment-dataset``);
+    ``"auto"``: clips without masks are segmented when loaded (``segmenter``; slow, not stored)."""
+    segmenter: str | None = None
+    """The segmenter of ``masks: auto`` (``grabcut``, the default, or ``background-difference``)."""
     # ------------------------------------------------------------------ the recipe
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
@@ -266,11 +295,41 @@ class TrainConfig:
             (self.max_grad_norm > 0, "max_grad_norm must be positive"),
             (len(self.unet_channels) >= 1 and min(self.unet_channels) >= 1, "unet_channels must be positive integers"),
             (self.seed >= 0, "seed must be >= 0"),
+            *self._data_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise MagDiffInputError(f"Invalid training config: {message}.")
         return self
+
+    def _data_checks(self) -> list[tuple[bool, str]]:
+        """The checks of the keys that say how the data is read."""
+        from ..data.shards import is_shard_dataset
+
+        shards = self.dataset != "world" and is_shard_dataset(self.dataset)
+        return [
+            (self.data_mode in DATA_MODES, f"data_mode must be one of {DATA_MODES}"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.prefetch >= 1, "prefetch must be >= 1"),
+            (self.frame_stride >= 1, "frame_stride must be >= 1"),
+            (self.frame_start in FRAME_STARTS, f"frame_start must be one of {FRAME_STARTS}"),
+            (self.crop in CROP_MODES, f"crop must be one of {CROP_MODES}"),
+            (self.masks in MASK_MODES, f"masks must be one of {MASK_MODES}"),
+            (
+                self.dataset != "world"
+                or (self.frame_stride, self.frame_start, self.crop, self.masks) == (1, "first", "stretch", "require"),
+                "frame_stride, frame_start, crop and masks apply to a manifest or shards, not to dataset: world "
+                "(its clips are generated at the training size)",
+            ),
+            (
+                not shards or self.data_mode == "stream",
+                "tar shards are streamed: set data_mode: stream (or train on the manifest with the cache)",
+            ),
+            (
+                not shards or importlib.util.find_spec("webdataset") is not None,
+                "tar shards need webdataset, which is not installed: pip install 'magdiff[webdataset]'",
+            ),
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

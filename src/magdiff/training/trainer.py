@@ -19,10 +19,12 @@ A * b, and ``gradient_accumulation_steps: 1`` draws exactly what it drew before.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,13 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModelWithProjection
 
+from ..data.loader import StepBatchSampler, make_loader
+from ..data.manifest import ManifestDataset
+from ..data.shards import SHARD_INDEX, ShardDataset, is_shard_dataset
 from ..errors import MagDiffInputError
 from ..loading import model_load_errors
 from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
@@ -128,13 +134,16 @@ def make_batch(
     num_train_timesteps: int,
     rank: int = 0,
     world_size: int = 1,
+    index: torch.Tensor | None = None,
 ) -> Batch:
     """Assemble process ``rank``'s training batch from the cache: every draw (indices, slots, text dropout, noise,
     timesteps) is made for the global batch of ``world_size * batch_size`` clips, and this process keeps its rows
-    ``rank * batch_size .. (rank + 1) * batch_size - 1``."""
+    ``rank * batch_size .. (rank + 1) * batch_size - 1``. ``index`` gives the global batch's clips instead of
+    drawing them (streamed clips: ``clips`` holds this process's, read for its rows)."""
     batch_size = config.batch_size * world_size
     rows = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-    index = torch.randint(0, len(clips), (batch_size,), generator=generator)
+    if index is None:
+        index = torch.randint(0, len(clips), (batch_size,), generator=generator)
     latents = clips.latents[index].float()
     num_frames = latents.shape[2]
     text = clips.text[index].float()
@@ -334,7 +343,9 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
     return MagDiffPipeline(unet=unet, **components)
 
 
-def training_dataset(config: TrainConfig):
+def training_dataset(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Dataset | IterableDataset:
+    """The clips of ``config.dataset``: the world, a manifest (:class:`ManifestDataset`) or tar shards
+    (:class:`ShardDataset`, streamed endlessly, process ``rank`` of ``world_size`` reading its own shards)."""
     if config.dataset == "world":
         from ..data.world import TRAIN_SEED_OFFSET, WorldConfig, WorldDataset
 
@@ -343,14 +354,38 @@ def training_dataset(config: TrainConfig):
             seed_offset=TRAIN_SEED_OFFSET,
             config=WorldConfig(num_frames=config.num_frames, size=config.resolution),
         )
-    from ..data.manifest import ManifestDataset
+    sampling: dict[str, Any] = {
+        "num_frames": config.num_frames,
+        "size": (config.resolution, config.resolution),
+        "stride": config.frame_stride,
+        "start": config.frame_start,
+        "crop": config.crop,
+        "require_masks": config.masks == "require",
+        "segmenter": config.segmenter,
+        "seed": config.seed,
+    }
+    if is_shard_dataset(config.dataset):
+        return ShardDataset(config.dataset, rank=rank, world_size=world_size, epochs=None, **sampling)
+    return ManifestDataset(config.dataset, **sampling)
 
-    return ManifestDataset(config.dataset, num_frames=config.num_frames, size=(config.resolution, config.resolution))
+
+#: The sampling keys at their defaults: a cache built with these keeps the fingerprint it had before they existed.
+_DEFAULT_SAMPLING: dict[str, Any] = {
+    "frame_stride": 1,
+    "frame_start": "first",
+    "crop": "stretch",
+    "masks": "require",
+    "segmenter": None,
+}
 
 
 def load_or_build_cache(
     config: TrainConfig, pipeline: MagDiffPipeline, accelerator: Accelerator, progress: bool
-) -> EncodedClips:
+) -> EncodedClips | StreamedClips:
+    """The training clips: the latent cache (built by the main process when missing or stale), or with
+    ``data_mode: stream`` a :class:`StreamedClips` that reads and encodes them step by step."""
+    if config.data_mode == "stream":
+        return StreamedClips(config, pipeline, accelerator)
     cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
     dataset = training_dataset(config)
     num_samples = min(config.num_train_samples, len(dataset))
@@ -365,6 +400,9 @@ def load_or_build_cache(
         text_from_tokens=config.train_text_encoder,
         dataset=dataset,
     )
+    sampling = {key: getattr(config, key) for key in _DEFAULT_SAMPLING}
+    if sampling != _DEFAULT_SAMPLING:  # other frames of the same videos: another cache
+        expected = hashlib.sha256(json.dumps([expected, sampling], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"clips_{expected}.safetensors"
     needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
         ("subject_masks",) if config.subject_loss_weight > 0 else ()
@@ -375,6 +413,180 @@ def load_or_build_cache(
         clips.save(path)
     accelerator.wait_for_everyone()
     return EncodedClips.load(path)
+
+
+class _IgnoreEpoch(Dataset):
+    """A dataset read by index (the world) under keys ``(index, epoch)``: its clips do not change with the epoch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        return self.dataset[key[0]]
+
+
+class StreamedClips:
+    """The training clips of ``data_mode: stream``: read by a DataLoader (``num_workers``, ``prefetch``) and encoded
+    by the frozen encoders in the training step, exactly as :func:`encode_clips` fills the cache.
+
+    A manifest (or the world) keeps the cache's rule of one global batch per step: every step's global batch is
+    the next ``batch_size * gradient_accumulation_steps * processes`` clips of a permutation of the first
+    ``num_train_samples`` clips (a new permutation each epoch), and each process reads its rows of it
+    (:class:`StepBatchSampler`); a resumed run reads what the uninterrupted run read. Tar shards are split by
+    process and worker instead (:class:`ShardDataset`): each process reads batches of its own shards, one epoch
+    after another; a resumed run starts again at the beginning of the epoch it stopped in.
+
+    The draws of a step (slot filling, text dropout, noise, timesteps) are made for the global batch as with the
+    cache (:func:`make_batch`), and each process keeps its rows."""
+
+    def __init__(self, config: TrainConfig, pipeline: MagDiffPipeline, accelerator: Accelerator) -> None:
+        self.config, self.pipeline, self.accelerator = config, pipeline, accelerator
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        self.dataset = training_dataset(config, rank, world_size)
+        self.sampler: StepBatchSampler | None = None
+        if isinstance(self.dataset, ShardDataset):
+            workers = max(1, config.num_workers)
+            if len(self.dataset.shards) < world_size * workers:
+                raise MagDiffInputError(
+                    f"{len(self.dataset.shards)} shards for {world_size} processes x {workers} data loader workers: "
+                    "every worker reads its own shards, so some would idle. Write more shards (magdiff make-shards "
+                    "--clips-per-shard with a smaller value) or lower num_workers."
+                )
+            self.num_clips = _shard_clip_count(config.dataset)
+        else:
+            self.num_clips = min(config.num_train_samples, len(self.dataset))
+        self._iterator: Iterator[list[dict[str, Any]]] | None = None
+        self._subject_image = "whole" if config.subject_image == "whole" else "segmented"
+        # The frozen encoders run in the step: on the accelerator's device (a trained text encoder moves with the
+        # model it is part of).
+        for name in ("vae", "image_encoder", "text_encoder"):
+            component = getattr(pipeline, name, None)
+            if component is not None and not (name == "text_encoder" and config.train_text_encoder):
+                component.to(accelerator.device)
+
+    def _start(self, step: int) -> None:
+        config, accelerator = self.config, self.accelerator
+        if isinstance(self.dataset, ShardDataset):
+            per_epoch = self.num_clips // accelerator.num_processes if self.num_clips else 0
+            read = step * config.batch_size * config.gradient_accumulation_steps
+            self.dataset.set_epoch(read // per_epoch if per_epoch else 0)
+            loader = make_loader(
+                self.dataset,
+                num_workers=config.num_workers,
+                prefetch=config.prefetch,
+                seed=config.seed,
+                rank=accelerator.process_index,
+                batch_size=config.batch_size,
+            )
+        else:
+            dataset = self.dataset if isinstance(self.dataset, ManifestDataset) else _IgnoreEpoch(self.dataset)
+            self.sampler = StepBatchSampler(
+                self.num_clips,
+                batch_size=config.batch_size,
+                world_size=accelerator.num_processes,
+                rank=accelerator.process_index,
+                accumulation=config.gradient_accumulation_steps,
+                seed=config.seed,
+                start_step=step,
+                max_steps=config.max_steps,
+            )
+            loader = make_loader(
+                dataset,
+                num_workers=config.num_workers,
+                prefetch=config.prefetch,
+                seed=config.seed,
+                rank=accelerator.process_index,
+                batch_sampler=self.sampler,
+            )
+        self._iterator = iter(loader)
+
+    def next_samples(self, step: int) -> list[dict[str, Any]]:
+        """This process's next micro-batch of decoded clips (the first call starts the loader at ``step``)."""
+        if self._iterator is None:
+            self._start(step)
+        assert self._iterator is not None
+        return next(self._iterator)
+
+    def batch(
+        self,
+        step: int,
+        micro_step: int,
+        generator: torch.Generator,
+        num_train_timesteps: int,
+        rank: int,
+        world_size: int,
+    ) -> Batch:
+        """The training batch of (virtual) process ``rank`` of ``world_size`` at micro-step ``micro_step`` of
+        ``step``: its clips read and encoded, the step's draws made for the global batch."""
+        config = self.config
+        samples = self.next_samples(step)
+        if self.sampler is not None:  # the loader must hand out what the step's global batch says
+            expected = [index for index, _ in self.sampler.micro_batch(step, micro_step)]
+            if isinstance(self.dataset, ManifestDataset) and [s["meta"]["index"] for s in samples] != expected:
+                raise RuntimeError(f"Step {step}: the data loader returned other clips than the step's batch.")
+        else:
+            expected = [int(sample["meta"]["index"]) for sample in samples]
+        device = self.pipeline.vae.device
+        on_device = [{**s, "frames": s["frames"].to(device), "masks": s["masks"].to(device)} for s in samples]
+        local = _clips_on_cpu(
+            encode_clips(self.pipeline, on_device, len(samples), config.resolution, "", False, self._subject_image)
+        )
+        # The global batch's rows: this process's clips in its rows (the others' rows are drawn, then dropped).
+        index = torch.zeros(config.batch_size * world_size, dtype=torch.long)
+        index[rank * config.batch_size : (rank + 1) * config.batch_size] = torch.arange(len(samples))
+        batch = make_batch(local, config, generator, num_train_timesteps, rank, world_size, index=index)
+        batch.clip_indices = torch.tensor(expected)
+        return batch
+
+
+def _clips_on_cpu(clips: EncodedClips) -> EncodedClips:
+    """``clips`` with every tensor on the CPU, where the step's draws are made (as for the cache)."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, list):
+            return [level.cpu() for level in value]
+        return value.cpu() if isinstance(value, torch.Tensor) else value
+
+    return EncodedClips(**{field.name: move(getattr(clips, field.name)) for field in dataclasses.fields(clips)})
+
+
+def _shard_clip_count(dataset: str) -> int:
+    """The clip count ``shards.json`` gives (0 when the shards are named by a pattern without it)."""
+    index = Path(dataset).expanduser() / SHARD_INDEX
+    return int(json.loads(index.read_text())["clips"]) if index.is_file() else 0
+
+
+def training_batch(
+    clips: EncodedClips | StreamedClips,
+    config: TrainConfig,
+    step: int,
+    micro_step: int,
+    generator: torch.Generator,
+    num_train_timesteps: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> Batch:
+    """(Virtual) process ``rank``'s batch of a micro-step, from the cache or streamed, on ``device``."""
+    if isinstance(clips, StreamedClips):
+        batch = clips.batch(step, micro_step, generator, num_train_timesteps, rank, world_size)
+    else:
+        batch = make_batch(clips, config, generator, num_train_timesteps, rank, world_size)
+    return batch_to(batch, device)
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """Every tensor of ``batch`` on ``device`` (the model's; a no-op on the CPU)."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, list):
+            return [level.to(device) for level in value]
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    return Batch(**{field.name: move(getattr(batch, field.name)) for field in dataclasses.fields(Batch)})
 
 
 def train(config: TrainConfig, *, resume: str | None = None, progress: bool = True, prepare_only: bool = False) -> Path:
@@ -463,13 +675,16 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         step_loss = 0.0
         for micro_step in range(accumulation):  # accelerate syncs and steps on the last one
             generator = step_generator(config.seed, step)  # every micro-step draws the same global batch
-            batch = make_batch(
+            batch = training_batch(
                 clips,
                 config,
+                step,
+                micro_step,
                 generator,
                 noise_scheduler.config.num_train_timesteps,
                 micro_step * world_size + rank,
                 world_size * accumulation,
+                accelerator.device,
             )
             drawn.append(batch.clip_indices)
             noisy = noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
