@@ -6,6 +6,11 @@ A checkpoint is a folder ``step_000500/`` holding ``unet.safetensors`` (the full
 (``fsync`` of every file and folder) and renamed into place, and only the last ``keep`` are kept. Re-saving a step
 swaps the new folder with the old one in one atomic exchange where the system has it (Linux), so there is always a
 complete checkpoint of that step; staging folders a killed run left behind are removed on the next run.
+
+The files are the same whether the run was sharded or not: under FSDP (version 2) every process takes part in
+gathering the whole weights, optimiser and EMA state (``torch.distributed.checkpoint``'s full-state-dict options) and
+the main process writes them, keyed as an unsharded run keys them; on resume every process reads the files and keeps
+its shard. So a checkpoint written by an FSDP run resumes as a single process, under DDP or under FSDP.
 """
 
 from __future__ import annotations
@@ -35,8 +40,19 @@ _STAGING_DIR = re.compile(r"^\.step_(\d+)\.(.+)$")
 _REPLACED = "replaced"
 
 
+def _full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every process must call it), else ``value``."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 class ExponentialMovingAverage:
-    """EMA of named parameters with the usual warm-up: ``decay_t = min(decay, (1 + t) / (10 + t))``."""
+    """EMA of named parameters with the usual warm-up: ``decay_t = min(decay, (1 + t) / (10 + t))``.
+
+    Under FSDP2 the parameters are DTensor shards, and so is the shadow (each process averages its own shard, with
+    no communication); :meth:`state_dict` then gathers the whole tensors (every process must call it) and
+    :meth:`load_state_dict` keeps each process's shard of them."""
 
     def __init__(self, named_parameters: dict[str, nn.Parameter], decay: float) -> None:
         self.decay = decay
@@ -55,9 +71,11 @@ class ExponentialMovingAverage:
             parameters[name].copy_(value.to(parameters[name].dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: value.contiguous() for name, value in self.shadow.items()}
+        return {name: _full_tensor(value).detach().cpu().contiguous() for name, value in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         missing = set(self.shadow) - set(state)
         unexpected = set(state) - set(self.shadow)
         if missing or unexpected:
@@ -65,12 +83,23 @@ class ExponentialMovingAverage:
                 f"EMA state does not match the model: missing {sorted(missing)[:3]}, unexpected "
                 f"{sorted(unexpected)[:3]}."
             )
-        self.shadow = {name: state[name].float().clone() for name in self.shadow}
+        shadow = {}
+        for name, current in self.shadow.items():
+            value = state[name].float().to(current.device)
+            if isinstance(current, DTensor):  # every process read the same file: each keeps its shard, no scatter
+                value = distribute_tensor(value, current.device_mesh, current.placements, src_data_rank=None)
+            shadow[name] = value.clone()
+        self.shadow = shadow
 
 
 def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimiser state dict: tensors -> ``state.<param>.<key>``, the rest -> JSON metadata."""
-    state = optimizer.state_dict()
+    """Flatten an optimiser's state dict: tensors -> ``state.<param>.<key>``, the rest -> JSON metadata."""
+    return optimizer_state_to_safetensors(optimizer.state_dict())
+
+
+def optimizer_state_to_safetensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimiser state dict (parameters keyed by position): tensors -> ``state.<param>.<key>``, the rest
+    -> JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
@@ -91,6 +120,142 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[
     for index, values in json.loads(metadata.get("scalars", "{}")).items():
         state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+_FULL_STATE = {"full_state_dict": True, "cpu_offload": True}
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, torch.compile
+
+
+def hold_scalars_as_vectors(model: nn.Module) -> frozenset[str]:
+    """FSDP2's ``fully_shard`` refuses 0-d parameters (the APA weights ``a_img``, ``a_txt``): hold each as a
+    1-element tensor while training sharded (they only scale by broadcasting, so the forward is unchanged). Returns
+    their names; the functions below take them (``scalars``) and read and write them with their shape ``()``, so the
+    checkpoint files are those of an unsharded run."""
+    names = []
+    for name, parameter in model.named_parameters():
+        if parameter.dim() == 0:
+            parameter.data = parameter.data.reshape(1)
+            names.append(name)
+    return frozenset(names)
+
+
+def stored_shapes(state: dict[str, torch.Tensor], scalars: frozenset[str]) -> dict[str, torch.Tensor]:
+    """``state`` with the parameters held as 1-element tensors (:func:`hold_scalars_as_vectors`) back at ``()``."""
+    return {key: value.reshape(()) if key in scalars else value for key, value in state.items()}
+
+
+def _trained_shapes(state: dict[str, torch.Tensor], scalars: frozenset[str]) -> dict[str, torch.Tensor]:
+    return {key: value.reshape(1) if key in scalars else value for key, value in state.items()}
+
+
+def _optimizer_shapes(state: dict[str, Any], names: list[str], scalars: frozenset[str], shape: tuple) -> dict:
+    """Every state tensor but ``step`` of a parameter in ``scalars`` reshaped to ``shape``."""
+    reshaped = {}
+    for index, values in state["state"].items():
+        if names[int(index)] in scalars:
+            values = {
+                key: value.reshape(shape) if isinstance(value, torch.Tensor) and key != "step" else value
+                for key, value in values.items()
+            }
+        reshaped[index] = values
+    return {**state, "state": reshaped}
+
+
+def gather_model_state(
+    model: nn.Module, sharded: bool, scalars: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """The whole state dict of the trained module, on the CPU. ``sharded`` (FSDP2): every process must call it; the
+    main process gets every tensor and the others an empty dict."""
+    if not sharded:
+        return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(**_FULL_STATE))
+    return stored_shapes({key: value.contiguous() for key, value in state.items()}, scalars)
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimiser's parameters in the order an unsharded state dict numbers them."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    ordered = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    for prefix in _WRAPPER_PREFIXES:
+        ordered = [name.replace(prefix, "") for name in ordered]
+    return ordered
+
+
+def gather_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, scalars: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The optimiser's whole state dict, its parameters keyed by position as ``optimizer.state_dict()`` keys them.
+    ``sharded`` (FSDP2): every process must call it; the main process gets the state, the others an empty dict.
+    (``torch.distributed.checkpoint`` keys the parameters by name; the position is what an unsharded run writes, so a
+    checkpoint resumes sharded or not.)"""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL_STATE))
+    if not state:
+        return {}
+    names = _parameter_names(model, optimizer)
+    position = {name: index for index, name in enumerate(names)}
+    by_position = {
+        "state": {position[name]: values for name, values in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [position[name] for name in group["params"]]} for group in state["param_groups"]
+        ],
+    }
+    return _optimizer_shapes(by_position, names, scalars, ())
+
+
+def load_model_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    sharded: bool,
+    source: Path,
+    scalars: frozenset[str] = frozenset(),
+) -> None:
+    """Load a whole state dict into the trained module (``sharded``: each process keeps its shard of it); every key
+    must match."""
+    if sharded:
+        state = _trained_shapes(state, scalars)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        missing, unexpected = set_model_state_dict(
+            model, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MagDiffInputError(
+            f"Checkpoint {source} does not match the model: missing {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}."
+        )
+
+
+def load_optimizer_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    sharded: bool,
+    scalars: frozenset[str] = frozenset(),
+) -> None:
+    """Load an optimiser state dict keyed by position (:func:`gather_optimizer_state`); ``sharded``: each process
+    keeps its shard of every state tensor."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    state = _optimizer_shapes(state, names, scalars, (1,))
+    by_name = {
+        "state": {names[int(index)]: values for index, values in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[index] for index in group["params"]]} for group in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _fsync(path: Path) -> None:
@@ -196,20 +361,23 @@ def staged_checkpoint(directory: str | Path, step: int, keep: int) -> Iterator[P
 def save_checkpoint(
     directory: str | Path,
     step: int,
-    unet: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ema: ExponentialMovingAverage | None,
+    ema_state: dict[str, torch.Tensor] | None,
     extra: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``directory/step_XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints."""
+    """Write ``directory/step_XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints. The states are
+    whole (:func:`gather_model_state`, :func:`gather_optimizer_state`, ``ExponentialMovingAverage.state_dict``);
+    ``optimizer_state=None`` writes no optimiser file (the checkpoint then exports but cannot resume)."""
     with staged_checkpoint(directory, step, keep) as staging:
-        save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
-        tensors, metadata = optimizer_to_safetensors(optimizer)
-        save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
-        if ema is not None:
-            save_file(ema.state_dict(), str(staging / "ema.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(staging / "unet.safetensors"))
+        if optimizer_state is not None:
+            tensors, metadata = optimizer_state_to_safetensors(optimizer_state)
+            save_file(tensors, str(staging / "optimizer.safetensors"), metadata=metadata)
+        if ema_state is not None:
+            save_file(ema_state, str(staging / "ema.safetensors"))
         state = {"step": step, "lr_scheduler": lr_scheduler.state_dict(), **extra}
         (staging / "state.json").write_text(json.dumps(state, indent=2, default=str))
     return Path(directory) / f"step_{step:06d}"
@@ -240,28 +408,34 @@ def resolve_resume(directory: str | Path, resume: str) -> Path:
 
 def load_checkpoint(
     path: str | Path,
-    unet: nn.Module,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: ExponentialMovingAverage | None,
+    sharded: bool = False,
+    scalars: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Restore every piece of training state from a checkpoint folder; returns its ``state.json``."""
+    """Restore every piece of training state from a checkpoint folder; returns its ``state.json``. ``sharded``
+    (FSDP2, after ``accelerator.prepare``): every process calls it and keeps its shard of each state; ``scalars``:
+    :func:`hold_scalars_as_vectors`."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    unet_state = load_file(str(path / "unet.safetensors"))
-    missing, unexpected = unet.load_state_dict(unet_state, strict=False)
-    if missing or unexpected:
+    optimizer_path = path / "optimizer.safetensors"
+    if not optimizer_path.is_file():
         raise MagDiffInputError(
-            f"Checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            f"Checkpoint {path} holds no optimiser state ({state.get('optimizer_state', 'optimizer.safetensors')}), "
+            "so it cannot resume exactly; export or fine-tune from its weights instead."
         )
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+    load_model_state(model, load_file(str(path / "unet.safetensors")), sharded, path, scalars)
+    with safe_open(str(optimizer_path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    optimizer.load_state_dict(optimizer_from_safetensors(tensors, metadata))
+    load_optimizer_state(model, optimizer, optimizer_from_safetensors(tensors, metadata), sharded, scalars)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
         ema_path = path / "ema.safetensors"
         if not ema_path.is_file():
             raise MagDiffInputError(f"Checkpoint {path} has no EMA weights but the config enables EMA.")
-        ema.load_state_dict(load_file(str(ema_path)))
+        ema_state = load_file(str(ema_path))
+        ema.load_state_dict(_trained_shapes(ema_state, scalars) if sharded else ema_state)
     return state

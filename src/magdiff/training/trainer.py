@@ -4,6 +4,11 @@
     magdiff train --config my_run.yaml --resume latest
     torchrun --nproc_per_node 4 -m magdiff.cli train --config my_run.yaml
     accelerate launch --config_file zero2.yaml -m magdiff.cli train --config my_run.yaml
+    accelerate launch --config_file fsdp.yaml -m magdiff.cli train --config my_run.yaml
+
+Sharding comes from accelerate's own config: under FSDP (version 2) the checkpoints, the validation and the export
+gather the whole weights, optimiser and EMA state on the main process, so they are the same safetensors files as an
+unsharded run's (``checkpoint.py``); under DeepSpeed the weights are gathered and the optimiser state is not kept.
 
 Reproducibility: every step draws the global batch (``batch_size`` clips per process), its slot filling, text
 dropout, noise and timesteps from a generator seeded by (seed, step), and each process trains on its own rows of it.
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
@@ -52,9 +57,13 @@ from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
 from .checkpoint import (
     ExponentialMovingAverage,
     clean_checkpoint_folder,
+    gather_model_state,
+    gather_optimizer_state,
+    hold_scalars_as_vectors,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    stored_shapes,
 )
 from .config import LEARNING_RATE_GROUPS, TrainConfig
 
@@ -605,6 +614,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    sharding = sharding_of(accelerator)
+    sharded = sharding == "fsdp"
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -643,22 +654,29 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         groups.append({"params": list(pipeline.text_encoder.parameters()), "lr": text_lr})
         trained = TrainedModel(unet, pipeline.text_encoder)
     trained.train()
-    trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
     optimizer = make_optimizer(groups, config)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
+    if sharding == "deepspeed" and accelerator.state.deepspeed_plugin is not None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no DataLoader goes through prepare
+            ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    # FSDP2 shards ``trained`` in place and gives the optimiser the shards: what reads the parameters reads them after
+    # this (the raw ``optimizer`` stays the torch optimiser that the checkpoints save and load).
+    scalars = hold_scalars_as_vectors(trained) if sharded else frozenset()
+    model, prepared_optimizer = accelerator.prepare(trained, optimizer)
+    trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay else None
 
-    # 3. Resume
+    # 3. Resume (after prepare: under FSDP every process keeps its shard of the checkpoint's whole states)
     start_step = 0
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema)["step"]
+        start_step = load_checkpoint(checkpoint, trained, optimizer, lr_scheduler, ema, sharded, scalars)["step"]
         if accelerator.is_main_process:
             print(f"resumed from {checkpoint} (step {start_step})")
     if accelerator.is_main_process:  # the logs describe the steps behind these weights: no step twice
         for name in (LOG_FILE, VALIDATION_LOG_FILE):
             drop_records_after(output_dir / name, start_step)
-    model, optimizer = accelerator.prepare(trained, optimizer)
 
     # 4. The loop
     log_path = output_dir / LOG_FILE
@@ -714,8 +732,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 accelerator.backward(loss)  # divides the loss by gradient_accumulation_steps
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)  # every trained one
-                optimizer.step()  # accelerate's optimiser steps (and zeroes) only when the gradients are synced
-                optimizer.zero_grad(set_to_none=True)
+                prepared_optimizer.step()  # accelerate's optimiser steps (and zeroes) only when gradients are synced
+                prepared_optimizer.zero_grad(set_to_none=True)
             step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / accumulation
         lr_scheduler.step()
         if ema is not None:
@@ -742,34 +760,112 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                     handle.write(json.dumps(record) + "\n")
             running_loss, running_count, drawn = 0.0, 0, []
         if done % config.checkpoint_every == 0 or done == config.max_steps:
+            if sharding is not None or accelerator.is_main_process:  # sharded: every process takes part in gathering
+                weights = accelerator.get_state_dict(model) if sharding == "deepspeed" else None
+                weights = gather_model_state(trained, sharded, scalars) if weights is None else weights
+                optimizer_state = None
+                if sharding != "deepspeed":
+                    optimizer_state = gather_optimizer_state(trained, optimizer, sharded, scalars)
+                ema_state = None if ema is None else stored_shapes(ema.state_dict(), scalars)
             if accelerator.is_main_process:
+                extra: dict[str, Any] = {"config": config.to_dict(), "sharding": sharding or "none"}
+                if optimizer_state is None:
+                    extra["optimizer_state"] = "not kept: DeepSpeed partitions it"
                 save_checkpoint(
                     output_dir / "checkpoints",
                     done,
-                    accelerator.unwrap_model(model),
-                    optimizer,
+                    weights,
+                    optimizer_state,
                     lr_scheduler,
-                    ema,
-                    {"config": config.to_dict()},
+                    ema_state,
+                    extra,
                     config.keep_checkpoints,
                 )
             accelerator.wait_for_everyone()
-        if done % config.validate_every == 0 and accelerator.is_main_process:
-            restore_frozen(pipeline, frozen_originals)
-            validate(pipeline, trained, ema, config, done, output_dir)
-            frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
-            trained.train()
+        if done % config.validate_every == 0:
+            if sharded:  # the shards cannot run on one process: validate a whole copy (EMA weights when EMA is on)
+                state = whole_weights(trained, ema, scalars)
+                if accelerator.is_main_process:
+                    restore_frozen(pipeline, frozen_originals)
+                    copy, copy_trained = unsharded_copy(pipeline, trained, state)
+                    validate(copy, copy_trained, None, config, done, output_dir)
+                    frozen_originals = cast_for_training(copy, copy_trained, config.mixed_precision)
+                del state
+                accelerator.wait_for_everyone()
+            elif accelerator.is_main_process:
+                restore_frozen(pipeline, frozen_originals)
+                validate(pipeline, trained, ema, config, done, output_dir)
+                frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
+                trained.train()
     bar.close()
     restore_frozen(pipeline, frozen_originals)
-    check_replicas_agree(accelerator, trained, log_path)
+    if not sharded:  # FSDP keeps one copy of the weights, in shards: there are no replicas to compare
+        check_replicas_agree(accelerator, trained, log_path)
 
     # 5. Export the pipeline (EMA weights when EMA is on)
     export_dir = output_dir / "model"
-    if accelerator.is_main_process:
+    if sharded:
+        state = whole_weights(trained, ema, scalars)  # every process takes part; the main process gets them
+        if accelerator.is_main_process:
+            export_pipeline(*unsharded_copy(pipeline, trained, state), None, export_dir)
+    elif accelerator.is_main_process:
         export_pipeline(pipeline, trained, ema, export_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
+
+
+def sharding_of(accelerator: Accelerator) -> str | None:
+    """``"fsdp"`` (FSDP version 2), ``"deepspeed"`` or ``None`` (one process, DDP) from accelerate's config; a
+    sharding the trainer cannot checkpoint, or one accelerate did not start, is refused."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise MagDiffInputError(
+                "FSDP version 1 is not supported (its checkpoints are not gathered): set fsdp_version: 2 in the "
+                "accelerate config's fsdp_config."
+            )
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise MagDiffInputError(
+            f"The accelerate config asks for FSDP but accelerate started {accelerator.distributed_type.value} "
+            "(it shards on GPUs only, not on CPU processes); launch on GPUs, or without the FSDP config for DDP."
+        )
+    return None
+
+
+def whole_weights(
+    trained: nn.Module, ema: ExponentialMovingAverage | None, scalars: frozenset[str]
+) -> dict[str, torch.Tensor]:
+    """The trained module's whole state dict gathered from its FSDP shards, with the EMA weights in place of the
+    raw ones when EMA is on: every process must call it; the main process gets the weights, the others none."""
+    state = gather_model_state(trained, True, scalars)
+    ema_state = None if ema is None else stored_shapes(ema.state_dict(), scalars)
+    if ema_state is not None and state:
+        state.update({name: value.to(state[name].dtype) for name, value in ema_state.items()})
+    return state
+
+
+def unsharded_copy(
+    pipeline: MagDiffPipeline, trained: TrainedModel, state: dict[str, torch.Tensor]
+) -> tuple[MagDiffPipeline, TrainedModel]:
+    """A pipeline like ``pipeline`` whose trained components are fresh, unsharded modules holding ``state`` (the
+    whole weights of ``trained``, :func:`whole_weights`), for validation and export under FSDP. The frozen
+    components are shared with ``pipeline``."""
+    unet = MagDiffUNetModel.from_config(trained.unet.config)
+    text_encoder = None
+    if trained.text_encoder is not None:  # FSDP may have changed its class: build the model class it started as
+        from torch.distributed.fsdp import FSDPModule
+
+        plain = next(c for c in type(trained.text_encoder).__mro__ if not issubclass(c, FSDPModule))
+        text_encoder = plain(trained.text_encoder.config)
+    copy = TrainedModel(unet, text_encoder)
+    copy.load_state_dict(state, assign=True)  # every key; each tensor keeps its dtype
+    components = {**pipeline.components, "unet": unet}
+    if text_encoder is not None:
+        components["text_encoder"] = text_encoder
+    return MagDiffPipeline(**components), copy
 
 
 def drop_records_after(path: Path, step: int) -> None:
