@@ -550,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parsers(evaluate.add_subparsers(dest="target", required=True))
 
     from .data.manifest import add_segment_dataset_parser
+    from .data.shards import add_make_shards_parser
 
     add_segment_dataset_parser(commands)
+    add_make_shards_parser(commands)
 
     trajectory = commands.add_parser(
         "train-trajectory", help="train a pipeline's trajectory head (prompt -> the subject's path) from clip masks"

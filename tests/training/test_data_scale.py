@@ -395,3 +395,16 @@ def test_a_tiny_run_trains_on_streamed_clips_without_a_cache(data, tmp_path):
     sampler = StepBatchSampler(6, batch_size=2, seed=0)
     assert logged == [[index for index, _ in sampler.micro_batch(step, 0)] for step in range(2)]
     assert all(np.isfinite(row["loss"]) for row in records if "step" in row)
+
+
+def test_make_shards_command(data, tmp_path, capsys, monkeypatch):
+    from magdiff.cli import main
+
+    out = tmp_path / "cli_shards"
+    assert main(["make-shards", "--manifest", str(data.manifest), "--out", str(out), "--clips-per-shard", "4"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote 6 clips in 2 shards to {out}; index: {out / 'shards.json'}")
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar", "shards.json"]
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    assert main(["make-shards", "--manifest", str(data.manifest), "--out", str(tmp_path / "none")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "pip install 'magdiff[webdataset]'" in error
