@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DIFFUSERS_CUSTOM_PIPELINE": "magdiff.pipelines.magdiff_custom_pipeline",
     "MagDiffPipeline": "magdiff.pipelines.pipeline_magdiff",
     "MagDiffPipelineOutput": "magdiff.pipelines.pipeline_magdiff",
     "MagDiffUNetModel": "magdiff.models.unet",
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .models.trajectory import TrajectoryPredictor
     from .models.unet import MagDiffUNetModel, configure_trainable_parameters, trainable_parameter_names
     from .pipelines.assembly import assemble_magdiff
+    from .pipelines.magdiff_custom_pipeline import DIFFUSERS_CUSTOM_PIPELINE
     from .pipelines.pipeline_magdiff import MagDiffPipeline, MagDiffPipelineOutput
 
 
@@ -42,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "APAAttnProcessor",
+    "DIFFUSERS_CUSTOM_PIPELINE",
     "HFAPyramidFusion",
     "MagDiffInputError",
     "MagDiffPipeline",
