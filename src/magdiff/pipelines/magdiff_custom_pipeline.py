@@ -11,10 +11,12 @@ another library is ``custom_pipeline``, a Python file it imports the class from.
         folder, custom_pipeline=magdiff.DIFFUSERS_CUSTOM_PIPELINE, trust_remote_code=True
     )
 
-``trust_remote_code=True`` is diffusers' consent to run a local pipeline file; the file run is this one, from the
-installed package, never one from the model folder. It only imports the installed class, so the pipeline returned is
-``magdiff.MagDiffPipeline`` itself, and the components load as ``MagDiffPipeline.from_pretrained`` loads them (the
-folder's ``model_index.json`` names their libraries, ``magdiff.models.*`` for the U-Net and the trajectory head).
+``trust_remote_code=True`` is diffusers' consent to run a local pipeline file. For a MagDiff folder (its
+``model_index.json`` names ``"MagDiffPipeline"``) the file run is this one, from the installed package; diffusers
+would run a folder's own file instead only where ``_class_name`` names one as ``[file, class]``. It only imports the
+installed class, so the pipeline returned is ``magdiff.MagDiffPipeline`` itself, and the components load as
+``MagDiffPipeline.from_pretrained`` loads them (the folder's ``model_index.json`` names their libraries,
+``magdiff.models.*`` for the U-Net and the trajectory head).
 
 diffusers copies the file into its modules cache (``$HF_MODULES_CACHE``) and imports it from there, so the file
 uses absolute imports only.
