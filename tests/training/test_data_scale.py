@@ -182,6 +182,22 @@ def test_a_random_start_is_drawn_per_seed_and_epoch(data):
     assert np.array_equal(picked, np.stack(expected))
 
 
+def test_only_the_clips_mask_files_are_read(data, monkeypatch):
+    import magdiff.data.manifest as manifest_module
+
+    read: list[str] = []
+    original = manifest_module.load_image
+
+    def counting(path):
+        read.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(manifest_module, "load_image", counting)
+    item = ManifestDataset(data.manifest, **SAMPLING)[(3, 1)]
+    start = item["meta"]["start"]
+    assert start > 0 and read == [f"{frame:03d}.png" for frame in range(start, start + 10, 3)]
+
+
 # ---------------------------------------------------------------------- processes and workers
 
 
@@ -365,6 +381,23 @@ def test_streamed_batches_are_encoded_as_the_cache_encodes_the_same_clips(data, 
     torch.testing.assert_close(batch.latents, cached.latents.float())
     torch.testing.assert_close(batch.text, cached.text.float())
     assert batch.noise.shape == batch.latents.shape and batch.timesteps.shape == (2,)
+    # rank 0 of the same step reads the other clips of the global batch
+    first_rank = SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu"))
+    other = StreamedClips(config, tiny_pipeline, first_rank).batch(0, 0, step_generator(config.seed, 0), 1000, 0, 2)
+    assert not set(other.clip_indices.tolist()) & set(batch.clip_indices.tolist())
+
+
+def test_the_world_streams_too(tiny_pipeline):
+    from magdiff.training.trainer import StreamedClips, training_dataset
+
+    values = {"num_frames": 4, "resolution": 64, "batch_size": 2, "data_mode": "stream", "num_train_samples": 6}
+    config = config_from_dict(values, get_preset("world-tiny"))
+    streamed = StreamedClips(config, tiny_pipeline, SimpleNamespace(process_index=0, num_processes=1, device="cpu"))
+    samples = streamed.next_samples(1)  # the loader starts at step 1 (a resumed run)
+    keys = StepBatchSampler(6, batch_size=2, seed=config.seed).micro_batch(1, 0)
+    world = training_dataset(config)
+    for sample, (index, _) in zip(samples, keys, strict=True):
+        assert torch.equal(sample["frames"], world[index]["frames"]) and sample["caption"] == world[index]["caption"]
 
 
 @pytest.mark.slow

@@ -49,7 +49,10 @@ from magdiff.errors import MagDiffInputError
 from magdiff.media import (
     IMAGE_SUFFIXES,
     VideoInfo,
+    _list_image_files,
+    _mask_from_image,
     image_to_tensor,
+    load_image,
     load_masks,
     load_video,
     probe_video,
@@ -377,6 +380,34 @@ def _segment(
     return masks
 
 
+def _clip_mask_files(folder: Path, picked: list[int], source_size: tuple[int, int]) -> np.ndarray:
+    """Boolean ``(F, H, W)`` masks of the frames ``picked`` from a folder of per-frame mask images (read like
+    :func:`magdiff.media.load_masks` reads them, but only the clip's files)."""
+    files = _list_image_files(folder)
+    if len(files) <= picked[-1]:
+        raise MagDiffInputError(
+            f"the mask folder {str(folder)!r} has {len(files)} mask images but the clip needs frame {picked[-1]} "
+            f"(frames {picked[0]}..{picked[-1]}, every {picked[1] - picked[0] if len(picked) > 1 else 1}); supply "
+            "one mask per frame."
+        )
+    masks = []
+    for frame in picked:
+        mask = _mask_from_image(load_image(files[frame]))
+        if mask.shape[:2] != source_size:
+            raise MagDiffInputError(
+                f"mask {frame} ({files[frame].name}) in {str(folder)!r} is {mask.shape[1]}x{mask.shape[0]} but the "
+                f"source video frames are {source_size[1]}x{source_size[0]} (width x height); masks must have the same "
+                "size as the source frames (before any resizing)."
+            )
+        if not mask.any():
+            raise MagDiffInputError(
+                f"the mask of frame {frame} ({files[frame].name}) in {str(folder)!r} is empty; every frame needs a "
+                "non-empty mask. Fix that frame's mask or let magdiff segment the video (masks: auto)."
+            )
+        masks.append(mask)
+    return np.stack(masks)
+
+
 def _count_frames(path: Path, entry: ManifestEntry) -> int:
     """Frame count of a video whose container does not store it: count the video packets (no decoding)."""
     try:
@@ -497,8 +528,10 @@ class ClipSampling:
                         f"the mask of frame {empty[0]} of {str(entry.video)!r} is empty; every frame needs a "
                         "non-empty mask. Fix the masks or let magdiff segment the video (masks: auto)."
                     )
+            elif masks.is_dir():
+                clip_masks = _clip_mask_files(masks, picked, source_size)
             else:
-                # load_masks reads the first N masks; read up to the clip's last frame and pick the clip's ones.
+                # load_masks reads the first N masks of a mask video; read up to the clip's last frame and pick.
                 loaded = load_masks(
                     masks, num_frames=first + self.clip_span, size=source_size, expected_size=source_size
                 )
