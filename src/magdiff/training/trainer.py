@@ -418,10 +418,29 @@ def load_or_build_cache(
     )
     stale = path.is_file() and not EncodedClips.file_has(path, needed)
     if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids/masks were stored
-        clips = encode_clips(pipeline, dataset, num_samples, config.resolution, expected, progress, subject_image)
+        source = _ReadAhead(dataset, num_samples, config) if config.num_workers else dataset
+        clips = encode_clips(pipeline, source, num_samples, config.resolution, expected, progress, subject_image)
         clips.save(path)
     accelerator.wait_for_everyone()
     return EncodedClips.load(path)
+
+
+class _ReadAhead:
+    """``dataset[0], dataset[1], ...`` decoded ahead by ``num_workers`` DataLoader workers while the cache encodes
+    them in order (:func:`encode_clips` reads each clip once, in order)."""
+
+    def __init__(self, dataset: Dataset, num_samples: int, config: TrainConfig) -> None:
+        order = [[index] for index in range(num_samples)]  # one clip a batch, in order
+        loader = make_loader(
+            dataset, num_workers=config.num_workers, prefetch=config.prefetch, seed=config.seed, batch_sampler=order
+        )
+        self._iterator, self._next = iter(loader), 0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index != self._next:
+            raise IndexError(f"clip {index} asked for; the clips are read in order, clip {self._next} is next")
+        self._next += 1
+        return next(self._iterator)[0]
 
 
 class _IgnoreEpoch(Dataset):
@@ -661,10 +680,14 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no DataLoader goes through prepare
             ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = config.max_grad_norm
     # FSDP2 shards ``trained`` in place and gives the optimiser the shards: what reads the parameters reads them after
     # this (the raw ``optimizer`` stays the torch optimiser that the checkpoints save and load).
     scalars = hold_scalars_as_vectors(trained) if sharded else frozenset()
     model, prepared_optimizer = accelerator.prepare(trained, optimizer)
+    if sharding == "deepspeed":
+        check_deepspeed_config(accelerator, config)
     trainable = {name: p for name, p in trained.named_parameters() if p.requires_grad}
     ema = ExponentialMovingAverage(trainable, config.ema_decay) if config.ema_decay else None
 
@@ -827,12 +850,30 @@ def sharding_of(accelerator: Accelerator) -> str | None:
                 "accelerate config's fsdp_config."
             )
         return "fsdp"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise MagDiffInputError(
-            f"The accelerate config asks for FSDP but accelerate started {accelerator.distributed_type.value} "
-            "(it shards on GPUs only, not on CPU processes); launch on GPUs, or without the FSDP config for DDP."
-        )
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() == "true":
+            raise MagDiffInputError(
+                f"The accelerate config asks for {name} but accelerate started {accelerator.distributed_type.value} "
+                "(it shards on GPUs only, not on CPU processes); launch on GPUs, or without that config for DDP."
+            )
     return None
+
+
+def check_deepspeed_config(accelerator: Accelerator, config: TrainConfig) -> None:
+    """DeepSpeed's config wins over the trainer's where both set a value (accelerate takes its accumulation steps;
+    DeepSpeed clips the gradients itself): they must agree."""
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = ds_config.get("gradient_clipping")
+    if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+        raise MagDiffInputError(
+            f"The DeepSpeed config has gradient_accumulation_steps {accelerator.gradient_accumulation_steps}, the "
+            f"training config {config.gradient_accumulation_steps}: set one of them to the other (or 'auto')."
+        )
+    if isinstance(clipping, int | float) and float(clipping) != config.max_grad_norm:
+        raise MagDiffInputError(
+            f"The DeepSpeed config has gradient_clipping {clipping}, the training config max_grad_norm "
+            f"{config.max_grad_norm}: set one of them to the other (or 'auto')."
+        )
 
 
 def whole_weights(
