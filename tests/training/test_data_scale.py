@@ -441,3 +441,46 @@ def test_make_shards_command(data, tmp_path, capsys, monkeypatch):
     assert main(["make-shards", "--manifest", str(data.manifest), "--out", str(tmp_path / "none")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "pip install 'magdiff[webdataset]'" in error
+
+
+def test_workers_decode_ahead_while_the_cache_is_built_and_change_nothing(data, tiny_pipeline, tmp_path):
+    from safetensors.torch import load_file
+
+    from magdiff.training.trainer import load_or_build_cache
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    values = {"dataset": str(data.manifest), "num_frames": 4, "resolution": 32, "frame_stride": 2}
+    built = {}
+    for workers in (0, 2):
+        config = config_from_dict(
+            {**values, "num_workers": workers, "cache_dir": str(tmp_path / f"w{workers}")}, get_preset("world-tiny")
+        )
+        load_or_build_cache(config, tiny_pipeline, accelerator, progress=False)
+        (path,) = (tmp_path / f"w{workers}").glob("clips_*.safetensors")
+        built[workers] = (path.name, load_file(str(path)))
+    assert built[0][0] == built[2][0]  # the same fingerprint: workers are not part of what the cache holds
+    assert built[0][1].keys() == built[2][1].keys()
+    for key, value in built[0][1].items():
+        assert torch.equal(value, built[2][1][key]), key
+    # another frame stride is another cache
+    other = config_from_dict({**values, "frame_stride": 1, "cache_dir": str(tmp_path / "w0")}, get_preset("world-tiny"))
+    load_or_build_cache(other, tiny_pipeline, accelerator, progress=False)
+    assert len(list((tmp_path / "w0").glob("clips_*.safetensors"))) == 2
+
+
+def test_a_resumed_shard_run_starts_again_at_the_epoch_it_stopped_in(shards, tiny_pipeline):
+    from magdiff.training.trainer import StreamedClips
+
+    values = {"dataset": str(shards), "data_mode": "stream", "num_frames": 4, "resolution": 32, "batch_size": 2}
+    config = config_from_dict(values, get_preset("world-tiny"))
+    streamed = StreamedClips(config, tiny_pipeline, SimpleNamespace(process_index=0, num_processes=1, device="cpu"))
+    samples = streamed.next_samples(4)  # 4 steps of 2 clips read 8 of the 6 clips: epoch 1
+    assert streamed.dataset.epoch == 1 and [s["meta"]["epoch"] for s in samples] == [1, 1]
+    first_shard = ShardDataset(shards, epoch=1, num_frames=4, size=(32, 32)).shards_for(1)[0]
+    assert {s["meta"]["shard"] for s in samples} == {first_shard}
+    with pytest.raises(MagDiffInputError, match="3 shards for 1 processes x 4 data loader workers"):
+        StreamedClips(
+            config_from_dict({**values, "num_workers": 4}, get_preset("world-tiny")),
+            tiny_pipeline,
+            SimpleNamespace(process_index=0, num_processes=1, device="cpu"),
+        )

@@ -16,7 +16,7 @@ order and returns them in order, so workers never read a clip twice and ``num_wo
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 
 import numpy as np
@@ -109,14 +109,15 @@ def make_loader(
     prefetch: int = 2,
     seed: int = 0,
     rank: int = 0,
-    batch_sampler: Sampler | None = None,
+    batch_sampler: Sampler | Iterable[list] | None = None,
     batch_size: int | None = None,
 ) -> DataLoader:
     """A DataLoader of lists of samples (``collate_fn=list``: the trainer encodes them itself).
 
-    A map-style ``dataset`` needs ``batch_sampler`` (a :class:`StepBatchSampler`); an iterable one (the tar shards)
-    splits its data between processes and workers itself and is batched by ``batch_size``. With workers, each keeps
-    ``prefetch`` batches ready (torch's ``prefetch_factor``) and stays alive between epochs (persistent workers)."""
+    A map-style ``dataset`` needs ``batch_sampler`` (a :class:`StepBatchSampler`, or any lists of keys); an
+    iterable one (the tar shards) splits its data between processes and workers itself and is batched by
+    ``batch_size``. With workers, each keeps ``prefetch`` batches ready (torch's ``prefetch_factor``) and stays
+    alive between epochs (persistent workers)."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise MagDiffInputError(f"num_workers must be a non-negative integer, got {num_workers!r}.")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:

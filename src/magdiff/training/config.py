@@ -56,8 +56,9 @@ class TrainConfig:
     encodes them with the frozen VAE, image and text encoders in the step, for data too big to cache. Tar shards
     (``dataset`` a shard folder or pattern) always stream."""
     num_workers: int = 0
-    """Data loader worker processes that decode streamed clips (``data_mode: stream``); ``0`` decodes in the
-    training process. Workers are persistent and seeded from ``(seed, process, worker)``."""
+    """Data loader worker processes that decode the clips ahead: streamed clips (``data_mode: stream``), or the
+    clips the cache encodes while it is built; ``0`` decodes in the training process. Workers are persistent and
+    seeded from ``(seed, process, worker)``."""
     prefetch: int = 2
     """Batches each worker keeps ready (torch's ``prefetch_factor``), with ``num_workers`` > 0."""
     frame_stride: int = 1
