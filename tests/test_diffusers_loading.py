@@ -29,7 +29,11 @@ def modules_cache(tmp_path_factory):
 
 def _through_diffusers(folder: Path, **kwargs) -> DiffusionPipeline:
     pipe = DiffusionPipeline.from_pretrained(
-        str(folder), custom_pipeline=magdiff.DIFFUSERS_CUSTOM_PIPELINE, trust_remote_code=True, **kwargs
+        str(folder),
+        custom_pipeline=magdiff.DIFFUSERS_CUSTOM_PIPELINE,
+        trust_remote_code=True,
+        use_safetensors=True,
+        **kwargs,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,7 +8,7 @@ another library is ``custom_pipeline``, a Python file it imports the class from.
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        folder, custom_pipeline=magdiff.DIFFUSERS_CUSTOM_PIPELINE, trust_remote_code=True
+        folder, custom_pipeline=magdiff.DIFFUSERS_CUSTOM_PIPELINE, trust_remote_code=True, use_safetensors=True
     )
 
 ``trust_remote_code=True`` is diffusers' consent to run a local pipeline file. For a MagDiff folder (its
