@@ -160,8 +160,9 @@ class TrainConfig:
     trained model keeps its heads (they are part of its weights)."""
     image_encoder_view: str | None = None
     """What the image encoder reads of each subject slot (``MagDiffUNetModel``): ``"slot"`` (the paper) or
-    ``"crop"`` (a square around the subject, resized). ``None``: ``"slot"`` for a new model, the model's with
-    ``model``. Changing a trained model's view needs ``new_subject_parts`` (its Resampler read the other view)."""
+    ``"crop"`` (a square around the subject, resized). ``None``: for a new model, the view its world CLIP's image
+    tower was trained on (``world_clip.json``; the packaged tower: ``"crop"``), the model's with ``model``. Changing
+    a trained model's view needs ``new_subject_parts`` (its Resampler read the other view)."""
     image_encoder: str | None = None
     """With ``model`` and ``new_subject_parts``: a CLIP vision folder that replaces the model's image encoder (e.g. a
     retrained world CLIP image tower); the subject parts are built anew for it."""

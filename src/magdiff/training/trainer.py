@@ -332,7 +332,7 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         if config.first_frame_attention and not pipeline.unet.config.get("first_frame_attention", False):
             pipeline.unet = MagDiffUNetModel.extended(pipeline.unet, first_frame_attention=True)
         return pipeline
-    from ..world_model import world_components, world_unet
+    from ..world_model import world_clip_view, world_components, world_unet
 
     components = world_components(config.vae, seed=config.seed, clip=config.clip)
     latent_size = config.resolution // 2 ** (len(components["vae"].config.block_out_channels) - 1)
@@ -347,7 +347,8 @@ def build_pipeline(config: TrainConfig) -> MagDiffPipeline:
         first_frame_attention=bool(config.first_frame_attention),
         latent_channels=components["vae"].config.latent_channels,
         attention_head_dim=config.attention_head_dim or 32,
-        image_encoder_view=config.image_encoder_view or "slot",
+        # the view the image tower was trained on, unless the config says otherwise
+        image_encoder_view=config.image_encoder_view or world_clip_view(config.clip),
     )
     return MagDiffPipeline(unet=unet, **components)
 
