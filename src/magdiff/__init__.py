@@ -43,8 +43,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "APAAttnProcessor",
     "DIFFUSERS_CUSTOM_PIPELINE",
+    "APAAttnProcessor",
     "HFAPyramidFusion",
     "MagDiffInputError",
     "MagDiffPipeline",
