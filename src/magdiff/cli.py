@@ -11,6 +11,7 @@ Bad input ends with one ``error: ...`` line on stderr and exit status 2; no outp
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -482,7 +483,40 @@ def _add_evaluate_parsers(targets: argparse._SubParsersAction) -> None:
     dreambooth.set_defaults(func=cmd_evaluate_dreambooth)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Subcommands whose parsers are written beside their code, in modules that import torch and the video libraries:
+#: name -> (module, the function that adds the parser, the summary ``magdiff --help`` lists for it).
+DATA_COMMANDS = {
+    "segment-dataset": (
+        "magdiff.data.manifest",
+        "add_segment_dataset_parser",
+        "compute per-frame subject masks for every video of a manifest",
+    ),
+    "make-shards": (
+        "magdiff.data.shards",
+        "add_make_shards_parser",
+        "pack the videos, captions and masks of a manifest into WebDataset tar shards",
+    ),
+}
+
+
+def _add_data_parsers(commands: argparse._SubParsersAction, command: str | None) -> None:
+    """The :data:`DATA_COMMANDS`: whole for ``command`` (all of them for ``None``), only listed for the others, so
+    that ``magdiff --help`` and the other commands do not import their modules."""
+    for name, (module, function, summary) in DATA_COMMANDS.items():
+        if command is None or command == name:
+            getattr(importlib.import_module(module), function)(commands)
+        else:
+            commands.add_parser(name, help=summary)
+
+
+def command_of(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv`` (the first word that is not an option; ``""`` for none)."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``magdiff`` parser. With ``command`` (the subcommand about to be parsed, see :func:`command_of`), the
+    :data:`DATA_COMMANDS` other than it are only listed, not built, and their modules are not imported."""
     parser = argparse.ArgumentParser(prog="magdiff", description="MagDiff video generation and editing.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -549,11 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score a model or a folder of videos")
     _add_evaluate_parsers(evaluate.add_subparsers(dest="target", required=True))
 
-    from .data.manifest import add_segment_dataset_parser
-    from .data.shards import add_make_shards_parser
-
-    add_segment_dataset_parser(commands)
-    add_make_shards_parser(commands)
+    _add_data_parsers(commands, command)
 
     trajectory = commands.add_parser(
         "train-trajectory", help="train a pipeline's trajectory head (prompt -> the subject's path) from clip masks"
@@ -597,7 +627,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
