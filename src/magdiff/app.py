@@ -324,7 +324,7 @@ def build_app(pipeline: MagDiffPipeline, output_dir: str | os.PathLike[str] | No
                     keep = gr.Radio(["subject", "background"], value="subject", label="Keep")
                     invert = gr.Checkbox(False, label="Start from the DDIM inversion of the source")
                     with gr.Row():
-                        edit_steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="generate-steps")
+                        edit_steps = gr.Number(25, label="Steps", precision=0, minimum=1, elem_id="edit-steps")
                         edit_guidance = gr.Number(7.5, label="Guidance scale", minimum=0)
                         edit_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
                     edit = gr.Button("Edit", variant="primary", elem_id="edit-button")
