@@ -634,7 +634,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
-    sharding = sharding_of(accelerator)
+    sharding = sharding_of(accelerator, resuming=checkpoint is not None)
     sharded = sharding == "fsdp"
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
@@ -839,10 +839,16 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     return export_dir
 
 
-def sharding_of(accelerator: Accelerator) -> str | None:
+def sharding_of(accelerator: Accelerator, resuming: bool = False) -> str | None:
     """``"fsdp"`` (FSDP version 2), ``"deepspeed"`` or ``None`` (one process, DDP) from accelerate's config; a
-    sharding the trainer cannot checkpoint, or one accelerate did not start, is refused."""
+    sharding the trainer cannot checkpoint, or one accelerate did not start, is refused, and so is resuming under
+    DeepSpeed (its checkpoints do not keep the optimiser state)."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if resuming:
+            raise MagDiffInputError(
+                "--resume is not supported under DeepSpeed (its partitioned optimiser state is not kept in the "
+                "checkpoints): resume under FSDP or DDP, or start a new run with model: set to an exported folder."
+            )
         return "deepspeed"
     if accelerator.distributed_type == DistributedType.FSDP:
         if not accelerator.is_fsdp2:
@@ -893,8 +899,8 @@ def unsharded_copy(
     pipeline: MagDiffPipeline, trained: TrainedModel, state: dict[str, torch.Tensor]
 ) -> tuple[MagDiffPipeline, TrainedModel]:
     """A pipeline like ``pipeline`` whose trained components are fresh, unsharded modules holding ``state`` (the
-    whole weights of ``trained``, :func:`whole_weights`), for validation and export under FSDP. The frozen
-    components are shared with ``pipeline``."""
+    whole weights of ``trained``, :func:`whole_weights`), for validation and export under FSDP, on the device the
+    shards are on. The frozen components are shared with ``pipeline``."""
     unet = MagDiffUNetModel.from_config(trained.unet.config)
     text_encoder = None
     if trained.text_encoder is not None:  # FSDP may have changed its class: build the model class it started as
@@ -904,6 +910,7 @@ def unsharded_copy(
         text_encoder = plain(trained.text_encoder.config)
     copy = TrainedModel(unet, text_encoder)
     copy.load_state_dict(state, assign=True)  # every key; each tensor keeps its dtype
+    copy.to(next(trained.parameters()).device)  # the gathered state is on the CPU
     components = {**pipeline.components, "unet": unet}
     if text_encoder is not None:
         components["text_encoder"] = text_encoder
