@@ -16,9 +16,9 @@ def small_world_model(tmp_path_factory):
     from magdiff.world_model import world_components, world_unet
 
     path = tmp_path_factory.mktemp("small_world_model") / "model"
-    MagDiffPipeline(unet=world_unet((16, 32), sample_size=16), **world_components(seed=0)).save_pretrained(
-        path, safe_serialization=True
-    )
+    components = world_components(seed=0)
+    unet = world_unet((16, 32), sample_size=16, latent_channels=components["vae"].config.latent_channels)
+    MagDiffPipeline(unet=unet, **components).save_pretrained(path, safe_serialization=True)
     return path
 
 

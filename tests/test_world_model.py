@@ -47,7 +47,9 @@ def test_world_unet_shapes_and_from_scratch_hfa():
 
 
 def test_world_pipeline_generates_64px_video():
-    pipeline = MagDiffPipeline(unet=world_unet((16, 32), sample_size=16), **world_components(seed=0))
+    components = world_components(seed=0)
+    unet = world_unet((16, 32), sample_size=16, latent_channels=components["vae"].config.latent_channels)
+    pipeline = MagDiffPipeline(unet=unet, **components)
     pipeline.set_progress_bar_config(disable=True)
     assert pipeline.vae_scale_factor == 4 and pipeline.default_size == (64, 64)
     out = pipeline(
