@@ -22,32 +22,37 @@ BASE_STEPS=${BASE_STEPS:-10000}
 STEPS=${STEPS:-8000}
 BENCH=${BENCH:-200}
 INSTALL=${INSTALL:-1}
-VAE_STEPS=(--steps 30000)
-DECODER_STEPS=(--steps 20000)
+VAE_PHASES=(1000 4000 3000)  # whole frames from scratch, 32 px crops, whole frames again
+DECODER_STEPS=12000
+VAE_EVAL=()
 CLIP_STEPS=(3900 4000)
 CLIP_EVAL=200
 HEAD_STEPS=10000
 USER_STYLE=64
 if [ "${QUICK:-0}" = 1 ]; then  # minutes, not hours: checks the plumbing, not the figures
   CLIPS=16 BASE_STEPS=4 STEPS=4 BENCH=2 USER_STYLE=2 CLIP_STEPS=(2 4) CLIP_EVAL=4 HEAD_STEPS=20
-  VAE_STEPS=(--steps 4 --eval-every 2 --eval-frames 4 --final-eval-frames 4 --user-style-subjects 2)
-  DECODER_STEPS=("${VAE_STEPS[@]}")
+  VAE_PHASES=(2 2 2) DECODER_STEPS=2
+  VAE_EVAL=(--eval-every 2 --eval-frames 4 --final-eval-frames 4 --user-style-subjects 2)
 fi
 mkdir -p "$RUN"
 resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi; }
 
-# 1. VAE: the whole autoencoder, then the decoder alone.
-if [ ! -f "$RUN/vae/config.json" ]; then
-  # shellcheck disable=SC2046
-  $PY -m magdiff.training.autoencoder --bf16 --channels 48,64,96 --latent-channels 16 "${VAE_STEPS[@]}" \
-    --out "$RUN/vae" --checkpoint-dir "$RUN/vae_checkpoints" $(resume_flag "$RUN/vae_checkpoints")
-fi
-if [ ! -f "$RUN/vae_decoder/config.json" ]; then
-  # shellcheck disable=SC2046
-  $PY -m magdiff.training.autoencoder --bf16 --channels 48,64,96 --latent-channels 16 "${DECODER_STEPS[@]}" \
-    --lr 3e-4 --min-lr 2e-5 --warmup-steps 50 --decoder-only --init-from "$RUN/vae" --out "$RUN/vae_decoder" \
-    --checkpoint-dir "$RUN/vae_decoder_checkpoints" $(resume_flag "$RUN/vae_decoder_checkpoints")
-fi
+# 1. VAE: the whole autoencoder in three phases (each from the previous one's weights), then the decoder alone.
+VAE=(--threads 1 --bf16 --channels 48,64,96 --latent-channels 16 "${VAE_EVAL[@]}")
+vae_phase() {  # vae_phase OUT [flags...]
+  local out=$1
+  shift
+  if [ ! -f "$out/config.json" ]; then
+    # shellcheck disable=SC2046
+    OMP_NUM_THREADS=1 $PY -m magdiff.training.autoencoder "${VAE[@]}" "$@" --out "$out" \
+      --checkpoint-dir "${out}_checkpoints" $(resume_flag "${out}_checkpoints")
+  fi
+}
+vae_phase "$RUN/vae_p1" --steps "${VAE_PHASES[0]}" --lr 1e-3 --warmup-steps 100
+vae_phase "$RUN/vae_p2" --steps "${VAE_PHASES[1]}" --crop-size 32 --lr 1e-3 --warmup-steps 50 --init-from "$RUN/vae_p1"
+vae_phase "$RUN/vae" --steps "${VAE_PHASES[2]}" --lr 5e-4 --min-lr 3e-5 --warmup-steps 50 --init-from "$RUN/vae_p2"
+vae_phase "$RUN/vae_decoder" --steps "$DECODER_STEPS" --lr 3e-4 --min-lr 2e-5 --warmup-steps 50 --decoder-only \
+  --init-from "$RUN/vae"
 
 # 2. World CLIP: slot views, then crop views on the frozen text transformer.
 if [ ! -d "$RUN/clip_slot/towers/text_encoder" ]; then
@@ -67,7 +72,9 @@ if [ ! -d "$RUN/clip/towers/image_encoder" ]; then
     $(resume_flag "$RUN/clip")
 fi
 
-# 3-4. The U-Net: the text-to-video base, then MagDiff on it.
+# 3-4. The U-Net: the text-to-video base, then MagDiff on it. Both read the crop-view CLIP (whose text transformer is
+# the slot-view one's) and the same clips through the same frozen encoders, so stage 2 finds stage 1's cache (the
+# fingerprint matches) instead of encoding the 4,000 clips again.
 train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
   local out=$1 steps=$2
   shift 2
@@ -77,13 +84,13 @@ train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
     "$@" --set batch_size=4 --set max_steps="$steps" $(resume_flag "$out/checkpoints")
 }
 if [ ! -f "$RUN/base/model/model_index.json" ]; then
-  train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip_slot/towers" \
+  train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
     --set num_train_samples="$CLIPS" --set subject_image=none
 fi
 if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
   train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
     --set image_encoder_view=crop --set image_encoder="$RUN/clip/towers/image_encoder" \
-    --set num_train_samples="$CLIPS" --set subject_dropout=0.1
+    --set num_train_samples="$CLIPS" --set subject_dropout=0.1 --set cache_dir="$RUN/base/cache"
 fi
 MODEL=$RUN/magdiff/model
 # The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
