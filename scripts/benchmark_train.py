@@ -12,8 +12,9 @@ Three runs, each a fresh process, in turn (A B S A B S ...), so that a change in
 
 Only the steady state is timed: the steps after the first ``--warmup`` (A and S: from the ``seconds`` of their
 ``train_log.jsonl`` records, written every ``log_every`` steps; B: a clock read at the same step boundaries), so the
-start-up, the cache load and the final checkpoint and export are left out. Printed: steps per second per run, the
-ratio A/B and A/S per round, their median and spread, and the load average before and after.
+start-up, the cache load (round 1's A builds the cache, before its first step) and the final checkpoint and export
+are left out. Printed: steps per second per run, the ratio A/B and A/S per round, their median and spread, and the
+load average before and after.
 
     python scripts/benchmark_train.py                              # 5 rounds of 10 warm-up + 40 timed steps
     python scripts/benchmark_train.py --rounds 3 --steps 60 --json train_bench.json
@@ -186,9 +187,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="magdiff-train-bench-"))
     cache_dir = work / "cache"
     keys = {mode: overrides(work / mode, cache_dir, max_steps, mode) for mode in ("cache", "stream")}
-    prepare = [*magdiff_command({**keys["cache"], "max_steps": 1}), "--prepare-only"]
-    run(prepare, args.threads)  # the cache A and B read, built once
     if args.profile:
+        prepare = [*magdiff_command({**keys["cache"], "max_steps": 1}), "--prepare-only"]
+        run(prepare, args.threads)  # the cache, built before the profiled run
         profiled = [sys.executable, "-m", "cProfile", "-o", args.profile, *magdiff_command(keys["cache"])[1:]]
         run(profiled, args.threads)
         print(f"wrote {args.profile}: {' '.join(profiled)}")
