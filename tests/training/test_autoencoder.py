@@ -378,12 +378,12 @@ def test_command_line_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_shipped_world_vae_reconstructs_held_out_frames() -> None:
     vae = AutoencoderKL.from_pretrained(SHIPPED).eval()
     assert 2 ** (len(vae.config.block_out_channels) - 1) == 4
-    assert vae.config.latent_channels == 4
-    assert (SHIPPED / "diffusion_pytorch_model.safetensors").stat().st_size < 5e6
+    assert vae.config.latent_channels == 16
+    assert (SHIPPED / "diffusion_pytorch_model.safetensors").stat().st_size < 8e6
     metrics = evaluate_autoencoder(vae, num_frames=16)
-    # The shipped VAE measures 25.6 dB here (backgrounds exact, subjects soft: 2-4 px textures are averaged away,
-    # see docs/default_model.md). This guards against a regression, it does not claim the 30 dB we aimed for.
-    assert metrics["psnr"] >= 25.0
+    # The shipped VAE measures 28.6 dB on these 16 frames (28.9 dB on 256; docs/vae.md): backgrounds exact, subjects
+    # soft. This guards against a regression, it does not claim the 32 dB target.
+    assert metrics["psnr"] >= 28.0
     assert metrics["background_mae"] < 0.02
     # The stored scaling factor gives the latents roughly unit variance.
     assert 0.5 < metrics["latent_std"] * vae.config.scaling_factor < 2.0
