@@ -36,6 +36,51 @@ def _multi_head_attention(
     return hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (b, n_q, heads*d)
 
 
+def _shared_context_attention(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of ``query`` (B, n, c) over ``key`` / ``value`` (b, m, c) given once for every ``B // b``
+    consecutive query rows (the frames of one clip): the same result as repeating the tokens ``B // b`` times
+    (``repeat_interleave``), computed by reading the rows of a group as one longer query, so the tokens are
+    projected and attended once per clip instead of once per frame. ``attention_mask``: None or a bias that
+    broadcasts over the query positions."""
+    total, num_queries, channels = query.shape
+    groups = key.shape[0]
+    if total % groups:
+        raise ValueError(f"{groups} token sets cannot be shared by {total} query rows.")
+    query = query.reshape(groups, (total // groups) * num_queries, channels)  # (b, copies*n, c)
+    hidden_states = _multi_head_attention(attn, query, key, value, attention_mask)  # (b, copies*n, c)
+    return hidden_states.reshape(total, num_queries, channels)  # (B, n, c)
+
+
+def merge_repeated_slots(image_tokens: torch.Tensor, tokens_per_slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distinct subject slots of ``image_tokens`` (b, S * tokens_per_slot, c) and, per kept token, the log of
+    how many slots it stands for: ``softmax(s + log m) V`` over the distinct slots equals ``softmax(s) V`` over all
+    slots when a slot repeats ``m`` times (generation fills slot 0, the empty slots 1..S-1 are equal). A slot is
+    merged into an earlier one only when both hold equal tokens in every batch row. Returns ``(image_tokens, None)``
+    when no slot repeats; otherwise ``(tokens (b, U * tokens_per_slot, c), bias (U * tokens_per_slot,))``."""
+    batch_size, num_tokens, channels = image_tokens.shape
+    if tokens_per_slot <= 0 or num_tokens % tokens_per_slot:
+        return image_tokens, None
+    slots = image_tokens.view(batch_size, num_tokens // tokens_per_slot, tokens_per_slot, channels)  # (b, S, n, c)
+    kept: list[int] = []
+    counts: list[int] = []
+    for slot in range(slots.shape[1]):
+        for index, first in enumerate(kept):
+            if torch.equal(slots[:, slot], slots[:, first]):
+                counts[index] += 1
+                break
+        else:
+            kept.append(slot)
+            counts.append(1)
+    if len(kept) == slots.shape[1]:
+        return image_tokens, None
+    distinct = slots[:, kept].reshape(batch_size, len(kept) * tokens_per_slot, channels)  # (b, U*n, c)
+    multiplicity = torch.tensor(counts, dtype=torch.float32, device=image_tokens.device)
+    bias = multiplicity.log().repeat_interleave(tokens_per_slot).to(image_tokens.dtype)  # (U*n,)
+    return distinct, bias
+
+
 class APAAttnProcessor(nn.Module):
     r"""Attention processor for one APA layer.
 
@@ -49,7 +94,10 @@ class APAAttnProcessor(nn.Module):
 
     The context comes as a tuple ``(text_tokens, image_tokens)``: ``text_tokens`` (b, n_txt, c) and
     ``image_tokens`` (b, n_img, c) or a one-element list of it (the form diffusers' IP-Adapter path uses). A plain
-    tensor means "no image tokens": only the text branch runs.
+    tensor means "no image tokens": only the text branch runs. A third element, ``image_token_bias`` (n_img,), is
+    added to the image branch's attention logits (:func:`merge_repeated_slots`). Token sets of batch ``b`` smaller
+    than the ``B`` query rows are shared by each ``B // b`` consecutive rows, as if repeated with
+    ``repeat_interleave`` (the U-Net passes one set per clip for its ``b * F`` frames).
     """
 
     def __init__(
@@ -77,7 +125,7 @@ class APAAttnProcessor(nn.Module):
         temb: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        text_tokens, image_tokens = self._split_context(encoder_hidden_states)
+        text_tokens, image_tokens, image_token_bias = self._split_context(encoder_hidden_states)
         residual = hidden_states
 
         if attn.spatial_norm is not None:
@@ -89,7 +137,10 @@ class APAAttnProcessor(nn.Module):
         batch_size = hidden_states.shape[0]
 
         if attention_mask is not None and text_tokens is not None:
-            # The mask covers the text tokens only; image tokens are always attended to.
+            # The mask covers the text tokens only; image tokens are always attended to. A mask is given per query
+            # row, so shared text tokens are repeated to one set per row.
+            if text_tokens.shape[0] != batch_size:
+                text_tokens = text_tokens.repeat_interleave(batch_size // text_tokens.shape[0], dim=0)
             attention_mask = attn.prepare_attention_mask(attention_mask, text_tokens.shape[1], batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
@@ -104,16 +155,19 @@ class APAAttnProcessor(nn.Module):
             text_tokens = attn.norm_encoder_hidden_states(text_tokens)
 
         # Text branch: the base model's own projections. a * softmax(QK^T)V == softmax(QK^T)(aV): the weight is
-        # applied to the few value tokens rather than to the many query positions.
+        # applied to the few value tokens rather than to the many query positions. Tokens given once per clip
+        # (batch b of the b*F query rows) are projected once per clip.
         text_key = attn.to_k(text_tokens)
         text_value = attn.to_v(text_tokens) * self.a_txt.to(query.dtype)
-        hidden_states = _multi_head_attention(attn, query, text_key, text_value, attention_mask).to(query.dtype)
+        hidden_states = _shared_context_attention(attn, query, text_key, text_value, attention_mask).to(query.dtype)
 
-        # Image branch: new projections of the subject tokens.
+        # Image branch: new projections of the subject tokens (``image_token_bias``: log multiplicity of merged
+        # repeated slots, see merge_repeated_slots).
         if image_tokens is not None:
             image_key = self.to_k_ip(image_tokens)
             image_value = self.to_v_ip(image_tokens) * self.a_img.to(query.dtype)
-            image_out = _multi_head_attention(attn, query, image_key, image_value, None).to(query.dtype)
+            bias = None if image_token_bias is None else image_token_bias.to(query.dtype).view(1, 1, 1, -1)
+            image_out = _shared_context_attention(attn, query, image_key, image_value, bias).to(query.dtype)
             hidden_states = hidden_states + image_out
 
         hidden_states = attn.to_out[0](hidden_states)  # output projection
@@ -127,17 +181,22 @@ class APAAttnProcessor(nn.Module):
     @staticmethod
     def _split_context(
         encoder_hidden_states: torch.Tensor | tuple | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(text_tokens, image_tokens, image_token_bias)`` from a tensor, ``(text, image)`` or
+        ``(text, image, image_token_bias)``."""
         if encoder_hidden_states is None or isinstance(encoder_hidden_states, torch.Tensor):
-            return encoder_hidden_states, None
-        text_tokens, image_tokens = encoder_hidden_states
+            return encoder_hidden_states, None, None
+        if len(encoder_hidden_states) == 3:
+            text_tokens, image_tokens, image_token_bias = encoder_hidden_states
+        else:
+            (text_tokens, image_tokens), image_token_bias = encoder_hidden_states, None
         if isinstance(image_tokens, (list, tuple)):
             if len(image_tokens) != 1:
                 raise ValueError(f"APA takes one set of image tokens, got {len(image_tokens)}.")
             image_tokens = image_tokens[0]
         if image_tokens is not None and image_tokens.ndim == 4:  # (b, slots, tokens, c) -> (b, slots*tokens, c)
             image_tokens = image_tokens.flatten(1, 2)
-        return text_tokens, image_tokens
+        return text_tokens, image_tokens, image_token_bias
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, cross_attention_dim={self.cross_attention_dim}"

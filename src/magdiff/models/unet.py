@@ -28,9 +28,13 @@ from diffusers.models.unets.unet_motion_model import UNetMotionOutput
 from torch import nn
 
 from ..errors import MagDiffInputError
-from .attention import APA_MODES, APAAttnProcessor
+from .attention import APA_MODES, APAAttnProcessor, merge_repeated_slots
 from .first_frame import FirstFrameAttention
 from .hfa import HFA_MODES, HFAPyramidFusion
+
+#: Dtypes in which repeated subject slots are merged at inference (the log-count bias of
+#: :func:`~magdiff.models.attention.merge_repeated_slots` is exact to float rounding there, not in 16-bit floats).
+_MERGE_DTYPES = (torch.float32, torch.float64)
 
 #: What the image encoder reads of each subject slot (``MagDiffUNetModel``'s ``image_encoder_view``).
 IMAGE_ENCODER_VIEWS = ("slot", "crop")
@@ -287,11 +291,13 @@ class MagDiffUNetModel(UNetMotionModel):
         # config, so save_pretrained/from_pretrained keep its weights).
         learned = apa == "learned"
         a_img, a_txt = (apa_image_weight_init, apa_text_weight_init) if learned else (1.0, 1.0)
+        self._cross_attentions: list[Attention] = []  # a plain list: the layers stay registered where they are
         for name, module in self.named_modules():
             if is_spatial_cross_attention(name, module):
                 module.set_processor(
                     APAAttnProcessor(module.to_k.out_features, module.to_k.in_features, a_img, a_txt, learned)
                 )
+                self._cross_attentions.append(module)
 
     # ------------------------------------------------------------------ gradient checkpointing
 
@@ -570,12 +576,21 @@ class MagDiffUNetModel(UNetMotionModel):
         emb = self.time_embedding(time_features, timestep_cond)  # (b, c_emb)
         emb = emb.repeat_interleave(num_frames, dim=0)  # (b*F, c_emb)
 
-        # 2. context: text tokens per frame; with a subject, APA's (text, image tokens of every slot) per frame
-        context: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-        context = encoder_hidden_states.repeat_interleave(num_frames, dim=0)  # (b*F, n_txt, c)
-        if subject is not None:
-            image_tokens = subject.image_tokens.to(context.dtype).repeat_interleave(num_frames, dim=0)  # (b*F, F*16, c)
-            context = (context, image_tokens)
+        # 2. context: with a subject, APA's (text, image tokens of every slot). APA layers take one set per clip and
+        # share it among the clip's frames (projected once per clip); any other cross-attention gets a set per frame.
+        context: torch.Tensor | tuple[torch.Tensor, ...] = encoder_hidden_states  # (b, n_txt, c)
+        image_tokens = None if subject is None else subject.image_tokens.to(context.dtype)  # (b, F*16, c)
+        image_token_bias = None
+        if all(isinstance(layer.processor, APAAttnProcessor) for layer in self._cross_attentions):
+            if image_tokens is not None and not torch.is_grad_enabled() and image_tokens.dtype in _MERGE_DTYPES:
+                # inference: repeated slots (the empty ones) attended once, weighted by their count
+                image_tokens, image_token_bias = merge_repeated_slots(image_tokens, self.config.num_image_tokens)
+        else:
+            context = context.repeat_interleave(num_frames, dim=0)  # (b*F, n_txt, c)
+            if image_tokens is not None:
+                image_tokens = image_tokens.repeat_interleave(num_frames, dim=0)  # (b*F, F*16, c)
+        if image_tokens is not None:
+            context = (context, image_tokens, image_token_bias)
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
 
