@@ -115,6 +115,7 @@ def test_a_window_gets_its_own_frames_subject_slots(tiny_pipeline):
 # ---------------------------------------------------------------------- the pipeline
 
 
+@torch.no_grad()  # as the pipeline: the U-Net's inference fast paths are taken only without gradients
 def _reference_generation(pipeline, image, mask, num_frames, steps, seed):
     """The pipeline's generation written out plainly: one U-Net call on the whole clip per step, no windows."""
     device = torch.device("cpu")

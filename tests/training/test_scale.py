@@ -276,8 +276,9 @@ def test_train_plan_prints_the_plan_without_training(tmp_path, capsys):
 def test_sd15_shaped_magdiff_trains_with_checkpointing_accumulation_bf16_then_resumes_and_exports(tmp_path):
     """SD-1.5-shaped MagDiff, random weights: block widths 320/640/1280/1280, AnimateDiff's motion modules, a
     Resampler of 16 tokens per slot over 257 ViT-H-wide (1280) image tokens, 768-wide text; small VAE and one-layer
-    encoders of the real widths. 8 frames at 32 px (latent 16x16); two optimiser steps of 2 accumulated micro-steps
-    with gradient checkpointing and bf16; a checkpoint after step 1, resumed to step 2, exported and loaded back."""
+    encoders of the real widths. 8 frames at 48 px (latent 24x24; the smallest world frame an 8-frame clip fits in);
+    two optimiser steps of 2 accumulated micro-steps with gradient checkpointing and bf16; a checkpoint after step 1,
+    resumed to step 2, exported and loaded back."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from magdiff import MagDiffPipeline
@@ -326,7 +327,7 @@ def test_sd15_shaped_magdiff_trains_with_checkpointing_accumulation_bf16_then_re
     values = {
         "model": str(base),
         "trainable": "magdiff",
-        "resolution": 32,
+        "resolution": 48,
         "num_frames": 8,
         "num_train_samples": 2,
         "batch_size": 1,

@@ -79,6 +79,17 @@ MIN_PALETTE_DISTANCE = 45.0
 _MIN_SUBJECT_BACKGROUND_DISTANCE = 90.0
 _MIN_TWO_TONE_DISTANCE = 80.0
 _LETTERS = "AEGKMRSWZ"
+_GLYPHS = {  # 5 x 7 capitals
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".###."),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "W": ("#...#", "#...#", "#...#", "#.#.#", "#.#.#", "##.##", "#...#"),
+    "Z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
+}
 
 _WORLD_PALETTE = np.array(
     [*SUBJECT_COLOURS.values(), *(pattern_colour(c) for c in SUBJECT_COLOURS.values()), *BACKGROUND_COLOURS.values()],
@@ -196,16 +207,19 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _letter_mask(letter: str, size: int) -> np.ndarray:
-    """A capital letter (Hershey simplex font, no anti-aliasing) scaled to fill most of the box."""
-    thickness = max(1, round(size / 9))
-    scale = 1.0
-    (width, height), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    scale = 0.85 * size / max(width, height)
-    (width, height), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    canvas = np.zeros((size, size), np.uint8)
-    origin = ((size - width) // 2, (size + height) // 2)
-    cv2.putText(canvas, letter, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, 1, thickness, lineType=cv2.LINE_8)
-    return canvas.astype(bool)
+    """A capital letter from a 5x7 bitmap font, scaled (nearest) to 85% of the box's height and centred.
+
+    The glyphs are data here rather than a library's font, so the set is the same bytes whatever OpenCV or Pillow
+    release is installed (OpenCV 5 rasterises its Hershey fonts differently from 4.x)."""
+    glyph = np.array([[cell == "#" for cell in row] for row in _GLYPHS[letter]], dtype=bool)  # (7, 5)
+    height = max(glyph.shape[0], round(0.85 * size))
+    width = max(glyph.shape[1], round(height * glyph.shape[1] / glyph.shape[0]))
+    rows = np.arange(height) * glyph.shape[0] // height
+    cols = np.arange(width) * glyph.shape[1] // width
+    canvas = np.zeros((size, size), dtype=bool)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas[top : top + height, left : left + width] = glyph[rows[:, None], cols[None, :]]
+    return canvas
 
 
 def _pattern(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
