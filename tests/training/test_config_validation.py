@@ -54,6 +54,10 @@ def test_a_config_file_is_checked_when_loaded(tmp_path):
         load_config(path)
     path.write_text("preset: world-tiny\nlearning_rate: 1e-4\n")  # YAML 1.1 reads 1e-4 as text: it means 1e-4
     assert load_config(path).learning_rate == pytest.approx(1e-4)
+    for word in ("no", "off", "false", "'no'"):  # YAML 1.1 reads the first three as false: they all mean "no"
+        path.write_text(f"preset: world-tiny\nmixed_precision: {word}\n")
+        assert load_config(path).mixed_precision == "no"
+    assert load_config(path, overrides={"mixed_precision": False}).mixed_precision == "no"  # --set mixed_precision=no
 
 
 def test_resume_without_a_checkpoint_stops_before_any_work(tmp_path, capsys, nothing_runs):

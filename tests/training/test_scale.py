@@ -282,13 +282,14 @@ def test_sd15_shaped_magdiff_trains_with_checkpointing_accumulation_bf16_then_re
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from magdiff import MagDiffPipeline
-    from magdiff.tiny import tiny_scheduler, tiny_stable_diffusion, tiny_vae
+    from magdiff.tiny import tiny_scheduler, tiny_vae
+    from magdiff.tokenization import load_world_tokenizer
     from magdiff.training.config import config_from_dict, get_preset
     from magdiff.training.planner import sd15_magdiff_unet
     from magdiff.training.trainer import train
 
     torch.manual_seed(0)
-    tokenizer = tiny_stable_diffusion(0).tokenizer
+    tokenizer = load_world_tokenizer()  # CLIP's 77-token context, as SD-1.5's; the world captions fit in it
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=768,
@@ -296,9 +297,9 @@ def test_sd15_shaped_magdiff_trains_with_checkpointing_accumulation_bf16_then_re
         num_attention_heads=12,
         num_hidden_layers=1,
         max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=len(tokenizer) - 2,
-        eos_token_id=len(tokenizer) - 1,
-        pad_token_id=len(tokenizer) - 1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     vision_config = CLIPVisionConfig(
         hidden_size=1280,

@@ -340,10 +340,16 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+#: Text options whose "nothing" word YAML 1.1 reads as false (``no``, ``off``, ``false``).
+_FALSE_WORDS = {"mixed_precision": "no"}
+
+
 def _yaml_word(key: str, value: Any) -> Any:
     """YAML 1.1 reads ``off``/``on`` (and ``no``/``yes``) as booleans; a text option (``hfa: off``) means the word.
     It also reads ``1e-4`` as text; a number option means the number."""
     if isinstance(value, bool) and _FIELDS[key].type == "str":
+        if key in _FALSE_WORDS and not value:
+            return _FALSE_WORDS[key]  # mixed_precision: no
         return "on" if value else "off"
     if isinstance(value, os.PathLike) and str(_FIELDS[key].type).startswith("str"):
         return os.fspath(value)  # a folder given as a Path (the library's callers)
