@@ -7,6 +7,7 @@
 #      on crop views with the text transformer frozen
 #   3. U-Net stage 1: the text-to-video base (world preset, every subject slot empty), two processes (torchrun, gloo)
 #   4. U-Net stage 2: MagDiff on that base (new subject parts for the crop-view image tower, 10% subject dropout)
+#      (BASE_STEPS=0: steps 3-4 are one stage, MagDiff from scratch with 20% subject dropout)
 #   5. the trajectory head (prompt -> the subject's path) on the world's 8-frame paths
 #   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
@@ -83,14 +84,23 @@ train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
   OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 -m magdiff.cli train --preset world --output-dir "$out" \
     "$@" --set batch_size=4 --set max_steps="$steps" $(resume_flag "$out/checkpoints")
 }
-if [ ! -f "$RUN/base/model/model_index.json" ]; then
-  train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
-    --set num_train_samples="$CLIPS" --set subject_image=none
-fi
-if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
-  train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
-    --set image_encoder_view=crop --set image_encoder="$RUN/clip/towers/image_encoder" \
-    --set num_train_samples="$CLIPS" --set subject_dropout=0.1 --set cache_dir="$RUN/base/cache"
+# BASE_STEPS=0: no base; MagDiff is trained from scratch in one stage, 20% of its clips with every slot empty
+# (text-to-video and image guidance's unconditional branch), the rest filled the paper's way.
+if [ "$BASE_STEPS" = 0 ]; then
+  if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
+    train_stage "$RUN/magdiff" "$STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
+      --set num_train_samples="$CLIPS" --set subject_dropout=0.2
+  fi
+else
+  if [ ! -f "$RUN/base/model/model_index.json" ]; then
+    train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
+      --set num_train_samples="$CLIPS" --set subject_image=none
+  fi
+  if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
+    train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
+      --set image_encoder_view=crop --set image_encoder="$RUN/clip/towers/image_encoder" \
+      --set num_train_samples="$CLIPS" --set subject_dropout=0.1 --set cache_dir="$RUN/base/cache"
+  fi
 fi
 MODEL=$RUN/magdiff/model
 # The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
