@@ -26,8 +26,9 @@ import time
 import numpy as np
 import torch
 
+from magdiff.evaluation.world_benchmark import CANONICAL_CAPTIONS as CANONICAL  # captions the model reads uncut
+
 WINDOW = 8
-CANONICAL = {"paraphrase_probability": 0.0, "generic_word_probability": 1.0}  # captions the model reads uncut
 
 
 def _rss_mib() -> float:

@@ -11,6 +11,8 @@
 #   5. the trajectory head (prompt -> the subject's path) on the world's 8-frame paths
 #   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
+# FOUNDATIONS=packaged skips steps 1-2 and trains the U-Net on the VAE and world CLIP shipped in src/magdiff/assets
+# (the packaged VAE's encoder is the one its decoder was fine-tuned on, so its latents are those of step 1).
 # Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
 # re-running the script continues an interrupted build. A quick check that every step runs:
 #   RUN=runs/smoke QUICK=1 INSTALL=0 bash scripts/build_default_model.sh
@@ -23,6 +25,8 @@ BASE_STEPS=${BASE_STEPS:-10000}
 STEPS=${STEPS:-8000}
 BENCH=${BENCH:-200}
 INSTALL=${INSTALL:-1}
+FOUNDATIONS=${FOUNDATIONS:-train}
+case "$FOUNDATIONS" in train | packaged) ;; *) echo "FOUNDATIONS must be train or packaged" >&2; exit 2 ;; esac
 VAE_PHASES=(1000 4000 3000)  # whole frames from scratch, 32 px crops, whole frames again
 DECODER_STEPS=12000
 VAE_EVAL=()
@@ -38,6 +42,12 @@ fi
 mkdir -p "$RUN"
 resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi; }
 
+if [ "$FOUNDATIONS" = packaged ]; then
+  VAE_DIR=src/magdiff/assets/world_vae VAE_DECODER_DIR=src/magdiff/assets/world_vae CLIP_DIR=src/magdiff/assets/world_clip
+else
+  VAE_DIR=$RUN/vae VAE_DECODER_DIR=$RUN/vae_decoder CLIP_DIR=$RUN/clip/towers
+fi
+if [ "$FOUNDATIONS" = train ]; then
 # 1. VAE: the whole autoencoder in three phases (each from the previous one's weights), then the decoder alone.
 VAE=(--threads 1 --bf16 --channels 48,64,96 --latent-channels 16 "${VAE_EVAL[@]}")
 vae_phase() {  # vae_phase OUT [flags...]
@@ -72,6 +82,7 @@ if [ ! -d "$RUN/clip/towers/image_encoder" ]; then
   $PY -m magdiff.training.world_clip --out "$RUN/clip" --config "$RUN/clip_crop.json" --export "$RUN/clip/towers" \
     $(resume_flag "$RUN/clip")
 fi
+fi  # FOUNDATIONS
 
 # 3-4. The U-Net: the text-to-video base, then MagDiff on it. Both read the crop-view CLIP (whose text transformer is
 # the slot-view one's) and the same clips through the same frozen encoders, so stage 2 finds stage 1's cache (the
@@ -88,23 +99,23 @@ train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
 # (text-to-video and image guidance's unconditional branch), the rest filled the paper's way.
 if [ "$BASE_STEPS" = 0 ]; then
   if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
-    train_stage "$RUN/magdiff" "$STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
+    train_stage "$RUN/magdiff" "$STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
       --set num_train_samples="$CLIPS" --set subject_dropout=0.2
   fi
 else
   if [ ! -f "$RUN/base/model/model_index.json" ]; then
-    train_stage "$RUN/base" "$BASE_STEPS" --set vae="$RUN/vae" --set clip="$RUN/clip/towers" \
+    train_stage "$RUN/base" "$BASE_STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
       --set num_train_samples="$CLIPS" --set subject_image=none
   fi
   if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
     train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
-      --set image_encoder_view=crop --set image_encoder="$RUN/clip/towers/image_encoder" \
+      --set image_encoder_view=crop --set image_encoder="$CLIP_DIR/image_encoder" \
       --set num_train_samples="$CLIPS" --set subject_dropout=0.1 --set cache_dir="$RUN/base/cache"
   fi
 fi
 MODEL=$RUN/magdiff/model
 # The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
-rm -rf "$MODEL/vae" && cp -r "$RUN/vae_decoder" "$MODEL/vae" && rm -f "$MODEL/vae/training_log.jsonl"
+rm -rf "$MODEL/vae" && cp -r "$VAE_DECODER_DIR" "$MODEL/vae" && rm -f "$MODEL/vae/training_log.jsonl"
 
 # 5. The trajectory head (8-frame paths: the world's clips; longer requests are refused, docs/reliability.md).
 $PY -m magdiff.cli train-trajectory --model "$MODEL" --steps "$HEAD_STEPS" --out "$MODEL" \
@@ -123,8 +134,11 @@ $PY scripts/merge_world_benchmark.py "$RUN/benchmark_0.json" "$RUN/benchmark_$HA
 
 # 7. Install.
 if [ "$INSTALL" = 1 ]; then
-  rm -rf src/magdiff/assets/default_model src/magdiff/assets/world_vae src/magdiff/assets/world_clip
+  rm -rf src/magdiff/assets/default_model
   cp -r "$MODEL" src/magdiff/assets/default_model
-  cp -r "$RUN/vae_decoder" src/magdiff/assets/world_vae
-  cp -r "$RUN/clip/towers" src/magdiff/assets/world_clip
+  if [ "$FOUNDATIONS" = train ]; then
+    rm -rf src/magdiff/assets/world_vae src/magdiff/assets/world_clip
+    cp -r "$VAE_DECODER_DIR" src/magdiff/assets/world_vae
+    cp -r "$CLIP_DIR" src/magdiff/assets/world_clip
+  fi
 fi

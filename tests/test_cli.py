@@ -118,6 +118,37 @@ def test_edit_with_inversion(saved_tiny_model, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_model_with_another_default_sampler_and_step_count(saved_tiny_model, tmp_path, monkeypatch):
+    """A folder that names UniPC and 3 steps: generate samples with those when no --steps is given; --invert
+    samples with DDIM built from the same config (inversion is DDIM's)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from magdiff import MagDiffPipeline
+
+    folder = tmp_path / "unipc_model"
+    pipeline = MagDiffPipeline.from_pretrained(saved_tiny_model)
+    pipeline.scheduler = UniPCMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.register_to_config(default_num_inference_steps=3)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    seen: list[tuple[str, int]] = []
+    original = MagDiffPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        steps = self.resolve_num_inference_steps(kwargs.get("num_inference_steps"))
+        seen.append((type(self.scheduler).__name__, steps))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MagDiffPipeline, "__call__", spy)
+    subject = _rgba_subject(tmp_path / "subject.png")
+    base = [a for a in _base_args(folder, tmp_path / "gen.mp4") if a not in ("--steps", "2")]
+    assert main(["generate", "--subject", str(subject), *base]) == 0
+    assert seen == [("UniPCMultistepScheduler", 3)]
+    video, masks = _source_video(tmp_path)
+    edit = ["edit", "--video", str(video), "--masks", str(masks), "--invert"]
+    assert main([*edit, *_base_args(folder, tmp_path / "inverted.mp4")]) == 0
+    assert seen[-1] == ("DDIMScheduler", 2)
+
+
 def test_bad_input_exits_2_with_one_line_and_no_file(saved_tiny_model, tmp_path, capsys):
     subject = _rgba_subject(tmp_path / "subject.png")
     video, masks = _source_video(tmp_path, frames=3)

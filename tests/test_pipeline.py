@@ -175,6 +175,30 @@ def test_pipeline_save_load_round_trip(tmp_path, tiny_pipeline):
     )
 
 
+def test_the_model_folder_names_its_default_number_of_steps(tmp_path, tiny_pipeline):
+    steps: list[int] = []
+
+    def count(pipe, step, timestep, tensors):
+        steps.append(step)
+        return {}
+
+    image, mask = _subject()
+    inputs = {"subject_image": image, "subject_mask": mask, "num_frames": 2, "output_type": "latent"}
+    tiny_pipeline(PROMPT, callback_on_step_end=count, **inputs)
+    assert len(steps) == 50  # a model without a default: the paper's 50
+    tiny_pipeline.register_to_config(default_num_inference_steps=3)
+    tiny_pipeline.save_pretrained(tmp_path / "model", safe_serialization=True)
+    loaded = MagDiffPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_num_inference_steps == 3
+    steps.clear()
+    loaded(PROMPT, callback_on_step_end=count, **inputs)
+    assert steps == [0, 1, 2]
+    steps.clear()
+    loaded(PROMPT, callback_on_step_end=count, num_inference_steps=2, **inputs)  # an explicit count wins
+    assert steps == [0, 1]
+
+
 # ---------------------------------------------------------------------- bad input
 
 

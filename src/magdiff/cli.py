@@ -125,6 +125,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.masks is not None and args.num_frames is not None:  # their count, sizes and emptiness
         load_masks(args.masks, num_frames=args.num_frames, size=None, expected_size=(info.height, info.width))
     segmenter = segmenter_from_arguments(args)
+    if args.invert and args.scheduler == "default":
+        args.scheduler = "ddim"  # inversion is DDIM's: built from the model's own scheduler config
     pipeline = _load_sampling_pipeline(args)
     num_frames = args.num_frames  # None: the source's length (0 is refused above); long ones in windows
     if num_frames is None:
@@ -277,10 +279,20 @@ def cmd_evaluate_world(args: argparse.Namespace) -> None:
         trajectory=args.trajectory,
         truncate_prompt=args.truncate_prompt,
         user_style=args.user_style,
+        captions=args.captions,
     )
     print("\n".join(format_results(results, {})))
     if args.out:
-        settings = ("num_samples", "first_sample", "steps", "guidance_scale", "seed", "trajectory", "user_style")
+        settings = (
+            "num_samples",
+            "first_sample",
+            "steps",
+            "guidance_scale",
+            "seed",
+            "trajectory",
+            "user_style",
+            "captions",
+        )
         record = {key: getattr(args, key) for key in settings}
         _write_json(args.out, {**record, "results": results, "per_sample": per_sample})
         print(f"wrote {args.out}")
@@ -399,7 +411,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-stride", type=int, default=None, help=stride_help)
     parser.add_argument("--height", type=int, default=None, help="video height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="video width in pixels (default: the model's)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    steps_help = "denoising steps (default: the model's, which the default model's folder names; else 50)"
+    parser.add_argument("--steps", type=int, default=None, help=steps_help)
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance scale (default 7.5)")
     guidance_help = "optional subject guidance scale (default: off)"
     parser.add_argument("--image-guidance-scale", type=float, default=None, help=guidance_help)
@@ -452,6 +465,11 @@ def _add_evaluate_parsers(targets: argparse._SubParsersAction) -> None:
     world.add_argument("--subject-input", choices=("segmented", "whole"), default="segmented", help=subject_help)
     trajectory_help = "generation along the model's trajectory head (auto, default) or the paper's slot 0 only (off)"
     world.add_argument("--trajectory", choices=("auto", "off"), default="auto", help=trajectory_help)
+    captions_help = (
+        "the world's own captions (default: paraphrases, subject words) or the canonical template with a generic "
+        "subject noun (short enough for models with a 16-token context)"
+    )
+    world.add_argument("--captions", choices=("world", "canonical"), default="world", help=captions_help)
     world.add_argument("--preview", default=None, help="write a GIF of the first samples here")
     world.add_argument("--out", default=None, help="write the results as JSON here")
     world.set_defaults(func=cmd_evaluate_world)
@@ -540,7 +558,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     edit.add_argument("--keep", choices=("subject", "background"), default="subject", help=keep_help)
     invert_help = (
         "start from the DDIM inversion of the source video instead of noise (motion and layout follow it more "
-        "closely; needs the DDIM scheduler)"
+        "closely; samples with DDIM, built from the model's scheduler config when --scheduler is default)"
     )
     edit.add_argument("--invert", action="store_true", help=invert_help)
     edit.add_argument("--source-prompt", default="", help="what the source video shows, for --invert (default: empty)")

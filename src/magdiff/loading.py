@@ -34,6 +34,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler-ancestral": "EulerAncestralDiscreteScheduler",
     "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 """``--scheduler`` names -> diffusers scheduler classes (``default``: the model's own)."""
 

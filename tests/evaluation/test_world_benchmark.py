@@ -183,3 +183,38 @@ def test_merged_shards_keep_the_user_style_subjects_of_the_shard_that_ran_them()
         sum(row["motion_correct"] for row in generated) / 2
     )
     assert [row["task"] for row in merged["per_sample"]][-2:] == ["user_style", "user_style"]
+
+
+class CaptionRecorder(OraclePipeline):
+    """Records the prompts it is asked for; answers with the clip of the same index."""
+
+    def __init__(self, config: WorldConfig, num_samples: int) -> None:
+        self.order = [make_sample(EVAL_SEED_OFFSET + index, config) for index in range(num_samples)]
+        self.clips = {sample["caption"]: sample for sample in self.order}
+        self.calls, self.trajectories, self.prompts = [], [], []
+
+    def __call__(self, prompt, *args, **kwargs):
+        self.prompts.append(prompt)
+        return super().__call__(prompt, *args, **kwargs)
+
+
+def test_canonical_captions_use_the_template_and_a_generic_noun():
+    import re
+
+    from magdiff.data.world import GENERIC_NOUNS, MOTION_PHRASES
+    from magdiff.evaluation.world_benchmark import CANONICAL_CAPTIONS
+
+    pipeline = CaptionRecorder(WorldConfig(**CANONICAL_CAPTIONS), 12)
+    results = evaluate_world(pipeline, num_samples=12, tasks=("generation",), captions="canonical", progress=False)
+    nouns = "|".join(GENERIC_NOUNS)
+    motions = "|".join(phrases[0] for phrases in MOTION_PHRASES.values())
+    template = re.compile(rf"an? ({nouns}) ({motions}) on an? \w+ background")
+    assert len(pipeline.prompts) == 12
+    for prompt in pipeline.prompts:
+        assert template.fullmatch(prompt), prompt
+    assert results["generation/motion_correct"] == 1.0  # the same clips as the oracle's
+    world = CaptionRecorder(WorldConfig(), 12)
+    evaluate_world(world, num_samples=12, tasks=("generation",), progress=False)
+    assert world.prompts != pipeline.prompts  # the world's own captions paraphrase and name subjects
+    with pytest.raises(ValueError, match="captions must be one of"):
+        evaluate_world(pipeline, num_samples=1, captions="short", progress=False)

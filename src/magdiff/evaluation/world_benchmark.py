@@ -50,6 +50,13 @@ TASKS = (
     "editing_blend",
     "editing_background_blend",
 )
+CAPTIONS: dict[str, dict[str, float]] = {
+    "world": {},
+    "canonical": {"paraphrase_probability": 0.0, "generic_word_probability": 1.0},
+}
+"""Caption styles of the benchmark: the world's own (paraphrases, subject words) or the canonical template."""
+CANONICAL_CAPTIONS = CAPTIONS["canonical"]
+
 DEFAULT_TASKS = ("generation", "empty_subject", "editing", "editing_background")
 _MIN_EDIT_DISTANCE = 120.0  # the new background must stay clearly distinct from the subject colour
 
@@ -105,6 +112,7 @@ def evaluate_world(
     trajectory: str = "auto",
     truncate_prompt: bool = False,
     user_style: int = 0,
+    captions: str = "world",
 ) -> dict[str, float]:
     """Run the benchmark; returns flat ``{task/metric: value}`` means (accuracies as fractions).
 
@@ -116,13 +124,17 @@ def evaluate_world(
     trajectory head, when it has one) or ``"off"`` (the paper's slot-0-only generation). ``truncate_prompt`` cuts
     captions longer than the model's text context (with a warning each) instead of stopping: for models trained on
     captions cut the same way. ``user_style`` adds that many held-out user-style subjects
-    (:func:`evaluate_user_style`) to the results and records."""
+    (:func:`evaluate_user_style`) to the results and records. ``captions="canonical"`` captions every clip in the
+    canonical phrasing with a generic subject noun (:data:`CANONICAL_CAPTIONS`; short enough for a 16-token context)
+    instead of the world's own mix of phrasings and subject words (``"world"``)."""
     if subject_input not in ("segmented", "whole"):
         raise ValueError(f"subject_input must be 'segmented' or 'whole', got {subject_input!r}.")
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"Unknown world benchmark tasks {sorted(unknown)}; choose from {TASKS}.")
-    world = WorldConfig(num_frames=num_frames, size=resolution)
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {sorted(CAPTIONS)}, got {captions!r}.")
+    world = WorldConfig(num_frames=num_frames, size=resolution, **CAPTIONS[captions])
     scores: dict[str, list] = {task: [] for task in tasks}
     previews: list[torch.Tensor] = []
     settings = {
@@ -312,7 +324,7 @@ def merge_shards(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Every shard must have been run with the same settings; overlapping clips are an error."""
     if not shards:
         raise ValueError("No benchmark shards to merge.")
-    settings = ("steps", "guidance_scale", "seed", "trajectory")
+    settings = ("steps", "guidance_scale", "seed", "trajectory", "captions")
     for shard in shards[1:]:
         for key in settings:
             if shard.get(key) != shards[0].get(key):

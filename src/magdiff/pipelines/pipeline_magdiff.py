@@ -168,8 +168,10 @@ class MagDiffPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModel | CLIPVisionModelWithProjection,
         trajectory: TrajectoryPredictor | None = None,
+        default_num_inference_steps: int = 50,
     ) -> None:
         super().__init__()
+        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps))
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -183,6 +185,13 @@ class MagDiffPipeline(DiffusionPipeline):
         self.video_processor = VideoProcessor(do_resize=False, vae_scale_factor=self.vae_scale_factor)
 
     # ------------------------------------------------------------------ properties
+
+    def resolve_num_inference_steps(self, num_inference_steps: int | None) -> int:
+        """``num_inference_steps``, or the model's default (``default_num_inference_steps`` in its model_index.json)
+        when ``None``."""
+        if num_inference_steps is None:
+            return int(self.config.get("default_num_inference_steps", 50))
+        return num_inference_steps
 
     @property
     def max_num_frames(self) -> int:
@@ -664,7 +673,7 @@ class MagDiffPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         segmenter: Callable | None = None,
         context_length: int | None = None,
         context_stride: int | None = None,
@@ -676,6 +685,7 @@ class MagDiffPipeline(DiffusionPipeline):
         usual choice).
         """
         check_invertible(self.scheduler)
+        num_inference_steps = self.resolve_num_inference_steps(num_inference_steps)
         default_height, default_width = self.default_size
         height, width = height or default_height, width or default_width
         if num_frames is None:
@@ -709,7 +719,7 @@ class MagDiffPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 7.5,
         image_guidance_scale: float | None = None,
         num_videos_per_prompt: int = 1,
@@ -746,7 +756,9 @@ class MagDiffPipeline(DiffusionPipeline):
             num_frames: frames to generate (default: 8, or the source video's length). Any length: a video longer
                 than ``context_length`` is denoised in overlapping windows (:mod:`magdiff.pipelines.context`).
             height, width: video size in pixels (default: the U-Net's ``sample_size`` x the VAE factor).
-            num_inference_steps: denoising steps (50 DDIM steps in the paper).
+            num_inference_steps: denoising steps (default: the model's ``default_num_inference_steps``, the fewest
+                steps of its sampler measured to score like 50 DDIM steps; 50, the paper's, for a model without
+                one).
             guidance_scale: text classifier-free guidance (7.5); the unconditional branch keeps the subject.
             image_guidance_scale: optional subject guidance against empty subject slots (off by default).
             num_videos_per_prompt: videos per prompt.
@@ -789,6 +801,7 @@ class MagDiffPipeline(DiffusionPipeline):
         width = width or default_width
         if num_frames is None:
             num_frames = 8 if video is None else len(video)
+        num_inference_steps = self.resolve_num_inference_steps(num_inference_steps)
         context_length = context_length or self.default_context_length
         context_stride = context_stride or max(1, context_length // 2)
         self.check_context(context_length, context_stride)
