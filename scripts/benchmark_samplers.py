@@ -6,9 +6,10 @@
 
 A setting is ``SCHEDULER:STEPS`` or ``SCHEDULER:STEPS:DTYPE`` (``--scheduler`` names of ``magdiff generate``;
 ``default`` is the model's own). Every setting runs the same held-out clips with the same seeds (the clip's index),
-so two settings differ only by the sampler. The table lists each figure in [0, 1] (accuracies, fidelity,
-consistency, IoU; the distances in pixels and the signed displacements are kept in the JSON), the largest absolute
-difference from the reference (the first setting), and the pipeline seconds per clip. The last line names the
+so two settings differ only by the sampler. The table lists every figure on the 0-1 scale (accuracies, fidelity,
+consistency, IoU, pixel errors) and the subject's colour errors (0-255, compared after dividing by 255; the distances
+in pixels, the signed displacements and the counts are kept in the JSON), the largest absolute difference from the
+reference (the first setting) on that scale, and the pipeline seconds per clip. The last line names the
 setting with the fewest steps (then the fastest) that is within ``--tolerance`` of the reference on every figure.
 """
 
@@ -23,8 +24,10 @@ from typing import Any
 DEFAULT_SETTINGS = (
     "ddim:50,ddim:25,dpm-solver++:25,dpm-solver++:15,dpm-solver++:10,unipc:25,unipc:15,unipc:10,ddim:25:bfloat16"
 )
-# Figures in pixels or signed displacements: reported in the JSON, not held to the tolerance.
-NOT_FRACTIONS = ("background_distance", "displacement_x", "displacement_y", "count", "pixel_error")
+# Figures in pixels, signed displacements and counts: in the JSON and the table, not held to the tolerance.
+NOT_HELD = ("background_distance", "displacement_x", "displacement_y", "count")
+# Figures on the 0-255 scale: held to the tolerance times 255.
+ON_255 = ("colour_error",)
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -154,7 +157,12 @@ def merge(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def held_figures(results: dict[str, float]) -> list[str]:
-    return [key for key in results if not any(part in key for part in NOT_FRACTIONS)]
+    return [key for key in results if not any(part in key for part in NOT_HELD)]
+
+
+def scale_of(figure: str) -> float:
+    """What a difference in ``figure`` is divided by before it is compared with the tolerance."""
+    return 255.0 if any(part in figure for part in ON_255) else 1.0
 
 
 def table(merged: dict[str, Any], tolerance: float) -> list[str]:
@@ -168,7 +176,10 @@ def table(merged: dict[str, Any], tolerance: float) -> list[str]:
         lines.append(f"| {figure} | " + " | ".join(f"{value:.3f}" for value in values) + " |")
     worst = {}
     for name in names:
-        diffs = [abs(settings[name]["results"].get(figure, float("inf")) - reference[figure]) for figure in figures]
+        diffs = [
+            abs(settings[name]["results"].get(figure, float("inf")) - reference[figure]) / scale_of(figure)
+            for figure in figures
+        ]
         worst[name] = max(diffs)
         figure = figures[diffs.index(worst[name])]
         worst[name + "/figure"] = figure

@@ -47,14 +47,24 @@ def test_settings_are_parsed_or_refused(samplers):
 
 
 def test_the_table_picks_the_fewest_steps_within_the_tolerance_on_every_figure(samplers):
-    reference = {"generation/motion_correct": 0.90, "editing/mask_iou": 0.70, "generation/background_distance": 5.0}
+    reference = {
+        "generation/motion_correct": 0.90,
+        "editing/mask_iou": 0.70,
+        "generation/background_distance": 5.0,
+        "generation/subject_colour_error": 30.0,
+    }
     settings = {
         "ddim:50": _setting("ddim:50", 50, 2.0, reference),
-        "ddim:25": _setting("ddim:25", 25, 1.0, {**reference, "editing/mask_iou": 0.69}),
+        # 0.01 off on IoU, 2.55/255 off on the colour error: both within 0.02 of their scale
+        "ddim:25": _setting(
+            "ddim:25", 25, 1.0, {**reference, "editing/mask_iou": 0.69, "generation/subject_colour_error": 32.55}
+        ),
         # within on motion, off on IoU by 0.03: not chosen although it has fewer steps
         "unipc:10": _setting("unipc:10", 10, 0.4, {**reference, "editing/mask_iou": 0.67}),
         # off only on a pixel distance, which is not held to the tolerance
         "unipc:15": _setting("unipc:15", 15, 0.6, {**reference, "generation/background_distance": 9.0}),
+        # off by 10/255 on the colour error
+        "dpm-solver++:10": _setting("dpm-solver++:10", 10, 0.4, {**reference, "generation/subject_colour_error": 40.0}),
         # bf16 is reported, never chosen as the default sampler
         "ddim:10:bfloat16": _setting("ddim:10:bfloat16", 10, 0.3, reference, dtype="bfloat16"),
     }
@@ -62,7 +72,7 @@ def test_the_table_picks_the_fewest_steps_within_the_tolerance_on_every_figure(s
     assert lines[-1] == "fastest within 0.02 of ddim:50: unipc:15"
     assert not any("background_distance" in line for line in lines)
     worst = next(line for line in lines if line.startswith("| largest difference"))
-    assert worst.split("|")[2:7] == [" 0.000 ", " 0.010 ", " 0.030 ", " 0.000 ", " 0.000 "]
+    assert worst.split("|")[2:8] == [" 0.000 ", " 0.010 ", " 0.030 ", " 0.000 ", " 0.039 ", " 0.000 "]
     settings["unipc:15"]["results"]["generation/motion_correct"] = 0.85
     settings["ddim:25"]["results"]["editing/mask_iou"] = 0.65
     assert samplers.table({"settings": settings}, 0.02)[-1] == "fastest within 0.02 of ddim:50: none"
