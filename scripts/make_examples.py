@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from magdiff.data.world import EVAL_SEED_OFFSET, caption_for, make_sample, subject_cutout
 from magdiff.evaluation.world_benchmark import edit_background
-from magdiff.loading import resolve_model
+from magdiff.loading import SCHEDULERS, load_pipeline
 from magdiff.media import save_video
-from magdiff.pipelines.pipeline_magdiff import MagDiffPipeline
 
 GENERATION = [(3, "left", "purple"), (11, "up", "yellow"), (17, "right", "green")]
 EDITING = [5, 23]
@@ -36,10 +35,12 @@ def main() -> None:
     parser.add_argument("--out", default="docs/examples")
     parser.add_argument("--model", default=None)
     parser.add_argument("--steps", type=int, default=25)
+    scheduler_help = "sampler (default ddim, what the examples in the README were made with; 'default': the model's)"
+    parser.add_argument("--scheduler", choices=("default", *SCHEDULERS), default="ddim", help=scheduler_help)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = MagDiffPipeline.from_pretrained(resolve_model(args.model), use_safetensors=True)
+    pipeline = load_pipeline(args.model, scheduler=args.scheduler)
     pipeline.set_progress_bar_config(disable=True)
     rows = ["| subject | prompt | result |", "|---|---|---|"]
     for index, motion, background in GENERATION:
