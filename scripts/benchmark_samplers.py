@@ -49,8 +49,11 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 
 def run_shard(args: argparse.Namespace) -> dict[str, Any]:
+    """Every setting on the shard's clips; the record is written after each setting, so a run stopped part-way keeps
+    the settings it finished."""
     from magdiff.evaluation.world_benchmark import DEFAULT_TASKS, evaluate_world
     from magdiff.loading import SCHEDULERS, load_pipeline
+    from magdiff.media import write_text_atomically
 
     settings = [parse_setting(text) for text in args.settings.split(",")]
     for setting in settings:
@@ -92,6 +95,7 @@ def run_shard(args: argparse.Namespace) -> dict[str, Any]:
             "results": results,
             "per_sample": per_sample,
         }
+        write_text_atomically(args.out, json.dumps(record, indent=1))
     return record
 
 
