@@ -13,7 +13,7 @@ from magdiff.cli import main
 from magdiff.errors import MagDiffInputError
 from magdiff.media import save_image
 from magdiff.pipelines.pipeline_magdiff import MagDiffPipeline
-from magdiff.training.config import load_config
+from magdiff.training.config import config_from_dict, get_preset, load_config
 
 CAPTIONS = {"right": "a square moving right", "down": "a square moving down"}
 
@@ -82,3 +82,29 @@ def test_a_config_without_preset_or_model_is_an_error_that_says_what_to_add(tmp_
     assert load_config(tmp_path / "bare.yaml", overrides={"preset": "world-tiny"}).trainable == "all"
     (tmp_path / "explicit.yaml").write_text(text + "trainable: magdiff\n")
     assert load_config(tmp_path / "explicit.yaml").trainable == "magdiff"  # as written
+
+
+def test_a_spent_time_budget_stops_checkpoints_and_exports_and_resume_goes_on(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["train", "--preset", "world-tiny", "--output-dir", str(run), "--no-progress"]
+    common += ["--set", "checkpoint_every=100", "--set", "validate_every=100"]
+    # A budget spent after the first step: the run stops there instead of at max_steps.
+    assert main([*common, "--max-steps", "40", "--max-minutes", "1e-6"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "the 1e-06-minute budget is spent at step 1 of 40" in out
+    assert out[-1] == f"trained 1 steps; model written to {run / 'model'}"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+    assert (run / "model" / "model_index.json").is_file()
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "step" in record] == [1]
+
+    # The next launch continues from that step to max_steps.
+    assert main([*common, "--max-steps", "3", "--resume", "latest"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"trained 3 steps; model written to {run / 'model'}"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000003"]
+
+
+def test_max_minutes_must_be_positive():
+    for minutes in (0, -1.5):
+        with pytest.raises(MagDiffInputError, match="max_minutes must be positive"):
+            config_from_dict({"max_minutes": minutes}, get_preset("world-tiny")).validate()

@@ -49,6 +49,19 @@ def test_importing_the_cli_imports_no_heavy_library():
     assert _heavy_in(json.loads(result.stdout)) == []
 
 
+def test_training_and_evaluating_on_the_world_import_no_video_library():
+    """The world is rendered in memory: training, the benchmark and the pipeline run where PyAV is not installed."""
+    result = _python(
+        """
+        import json, sys
+        import magdiff.training.trainer, magdiff.evaluation.world_benchmark, magdiff.pipelines, magdiff.media
+        print(json.dumps("av" in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) is False
+
+
 def test_magdiff_help_lists_every_subcommand_and_imports_no_torch():
     """The installed console script, under ``-X importtime``: every module imported is on stderr."""
     script = Path(sys.executable).with_name("magdiff")

@@ -193,6 +193,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides["output_dir"] = args.output_dir
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
     if args.config:
         config = load_config(args.config, overrides=overrides)
     else:
@@ -202,14 +204,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         print(plan_for_config(config, args.gpu_memory, args.num_gpus, args.zero_stage))
         return
-    from .training.trainer import train  # after the config is checked: a bad value fails before the heavy imports
+    from .training.trainer import last_logged_step, train  # after the config is checked: a bad value fails first
 
     if args.prepare_only:
         cache = train(config, progress=not args.no_progress, prepare_only=True)
         print(f"cached the encoded training clips in {cache}")
         return
     export = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {config.max_steps} steps; model written to {export}")
+    print(f"trained {last_logged_step(config.output_dir)} steps; model written to {export}")
 
 
 def cmd_train_trajectory(args: argparse.Namespace) -> None:
@@ -589,6 +591,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     train_parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     train_parser.add_argument("--output-dir", default=None)
     train_parser.add_argument("--max-steps", type=int, default=None)
+    minutes_help = "stop after this many minutes of training, checkpointed and exported (max_minutes)"
+    train_parser.add_argument("--max-minutes", type=float, default=None, help=minutes_help)
     train_parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     train_parser.add_argument("--no-progress", action="store_true")
     prepare_help = "only build the cache of encoded clips (before a multi-process launch)"

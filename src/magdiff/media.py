@@ -28,7 +28,7 @@ from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import av
+# PyAV (`av`) is imported inside the functions that read or write video: nothing else needs it.
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -393,6 +393,8 @@ class VideoInfo:
 
 
 def _open_container(path: Path, what: str) -> Any:
+    import av
+
     try:
         return av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
@@ -465,6 +467,8 @@ def _too_few_frames(path: Path, what: str, available: int, num_frames: int, star
 
 def _iter_decoded(path: Path, what: str, to_array: Callable[[Any], np.ndarray]) -> Iterator[np.ndarray]:
     """Yield frames of a video file one by one as arrays (decodes lazily; stops when the caller stops)."""
+    import av
+
     container = _open_container(path, what)
     try:
         stream = _video_stream(container, path, what)
@@ -792,6 +796,8 @@ def _pad_to_even(array: np.ndarray) -> np.ndarray:
 
 
 def _write_mp4(arrays: list[np.ndarray], tmp: Path, fps: int) -> None:
+    import av
+
     arrays = [_pad_to_even(a) for a in arrays]
     height, width = arrays[0].shape[:2]
     with av.open(str(tmp), mode="w", format="mp4") as container:
@@ -810,6 +816,8 @@ def _write_gif(arrays: list[np.ndarray], tmp: Path, fps: int) -> None:
     # PIL's GIF writer merges identical consecutive frames (changing the frame count), so PIL only quantises each
     # frame to its own 256-colour palette (median cut, no dithering: dithering flickers between frames) and FFmpeg's
     # GIF encoder/muxer writes every frame, with delay 100/fps centiseconds and an infinite loop.
+    import av
+
     height, width = arrays[0].shape[:2]
     with av.open(str(tmp), mode="w", format="gif", options={"loop": "0"}) as container:
         stream = container.add_stream("gif", rate=fps)

@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
+# PyAV (`av`) is imported inside the functions that read or write video: nothing else needs it.
 import numpy as np
 
 from magdiff.errors import MagDiffInputError
@@ -49,6 +49,8 @@ def crop_box(resized: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]
 
 
 def _open(source: str | os.PathLike[str] | bytes, what: str) -> Any:
+    import av
+
     try:
         return av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
@@ -65,6 +67,8 @@ def _frame_index(frame: Any, first_pts: int, time_base: Fraction, rate: Fraction
 def _decode(container: Any, wanted: list[int], seek: bool, what: str) -> tuple[dict[int, np.ndarray], int, bool]:
     """Decode the frames numbered ``wanted``; returns them, the last frame number seen and whether the numbering
     held (``False``: a frame had no timestamp or the seek overshot, so decode again from the start)."""
+    import av
+
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     rate = stream.average_rate or stream.guessed_rate

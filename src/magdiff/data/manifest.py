@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
+# PyAV (`av`) is imported inside the functions that read or write video: nothing else needs it.
 import cv2
 import numpy as np
 import torch
@@ -410,6 +410,8 @@ def _clip_mask_files(folder: Path, picked: list[int], source_size: tuple[int, in
 
 def _count_frames(path: Path, entry: ManifestEntry) -> int:
     """Frame count of a video whose container does not store it: count the video packets (no decoding)."""
+    import av
+
     try:
         with av.open(str(path), mode="r") as container:
             stream = container.streams.video[0]

@@ -30,7 +30,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
+# PyAV (`av`) is imported inside the functions that read or write video: nothing else needs it.
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -120,6 +120,8 @@ def list_shards(dataset: str | os.PathLike[str] | Sequence[str]) -> list[str]:
 
 def _lossless_video(folder: Path) -> bytes:
     """A frame folder as a lossless Matroska video (libx264rgb at crf 0 keeps every RGB value)."""
+    import av
+
     arrays = tensor_to_uint8(load_video(folder))
     buffer = io.BytesIO()
     height, width = arrays.shape[1:3]

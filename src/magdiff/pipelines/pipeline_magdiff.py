@@ -310,7 +310,9 @@ class MagDiffPipeline(DiffusionPipeline):
         num_slots = slots.shape[0]
         # Encode each filled slot, plus one empty image shared by all empty slots.
         filled_index = torch.nonzero(filled, as_tuple=False).flatten().tolist()
-        unique = [slots[i] for i in filled_index] + [empty_slots(1, *slots.shape[-2:])[0]]
+        unique = [slots[i] for i in filled_index] + [
+            empty_slots(1, *slots.shape[-2:], dtype=slots.dtype, device=slots.device)[0]
+        ]
         slot_to_unique = torch.full((num_slots,), len(unique) - 1, dtype=torch.long)
         for position, slot_index in enumerate(filled_index):
             slot_to_unique[slot_index] = position

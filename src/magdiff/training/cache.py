@@ -240,6 +240,7 @@ def encode_clips(
     encodes each whole frame as its slot instead of the cut-out subject."""
     scales = cache_scales(pipeline)
     size = (resolution, resolution)
+    device = pipeline.device
     latents, texts, slot_embeds, input_ids, attention_masks, subject_masks = [], [], [], [], [], []
     slot_pyramid: list[list[torch.Tensor]] = []
     for index in tqdm(range(num_samples), desc="caching latents", disable=not progress):
@@ -248,21 +249,22 @@ def encode_clips(
         if tuple(frames.shape[-2:]) != size:
             raise ValueError(f"Clip {index} is {tuple(frames.shape[-2:])}, the config asks for {size}.")
         num_frames = frames.shape[0]
-        latents.append(pipeline._vae_mean_latents(frames).permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (c, F, h, w)
+        # The encoders run on the pipeline's device (a GPU when there is one); the cache is kept on the CPU.
+        latents.append(pipeline._vae_mean_latents(frames.to(device)).permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))
         latent_size = latents[-1].shape[-2:]
         subject_masks.append(F.adaptive_max_pool2d(masks.float(), latent_size)[:, 0].to(CACHE_DTYPE))  # (F, h, w)
         ids, mask = pipeline.tokenize_prompt([sample["caption"]])
-        text = encode_tokens(pipeline.text_encoder, ids.to(pipeline.device), mask.to(pipeline.device))
-        texts.append(text[0].to(CACHE_DTYPE))
+        text = encode_tokens(pipeline.text_encoder, ids.to(device), mask.to(device))
+        texts.append(text[0].to("cpu", CACHE_DTYPE))
         input_ids.append(ids[0])
         attention_masks.append(mask[0])
         slots = frames if subject_image == "whole" else cut_out(frames, masks)  # (F, 3, H, W)
         embeds, pyramid = pipeline.encode_subject_slots(slots, torch.ones(num_frames, dtype=torch.bool), size, scales)
-        slot_embeds.append(embeds[0].to(CACHE_DTYPE))  # (F, n, d)
+        slot_embeds.append(embeds[0].to("cpu", CACHE_DTYPE))  # (F, n, d)
         for scale, level in enumerate(pyramid):  # (1, c, F, h_s, w_s)
             if len(slot_pyramid) <= scale:
                 slot_pyramid.append([])
-            slot_pyramid[scale].append(level[0].permute(1, 0, 2, 3).to(CACHE_DTYPE))  # (F, c, h_s, w_s)
+            slot_pyramid[scale].append(level[0].permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))  # (F, c, h_s, w_s)
     empty = empty_slots(1, *size)
     empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size, scales)
     empty_text = pipeline.encode_prompt([""], pipeline.device)[0]
@@ -272,9 +274,9 @@ def encode_clips(
         text=torch.stack(texts),
         slot_embeds=torch.stack(slot_embeds),
         slot_pyramid=[torch.stack(level) for level in slot_pyramid],
-        empty_text=empty_text.to(CACHE_DTYPE),
-        empty_embeds=empty_embeds[0, 0].to(CACHE_DTYPE),
-        empty_pyramid=[level[0, :, 0].to(CACHE_DTYPE) for level in empty_pyramid],
+        empty_text=empty_text.to("cpu", CACHE_DTYPE),
+        empty_embeds=empty_embeds[0, 0].to("cpu", CACHE_DTYPE),
+        empty_pyramid=[level[0, :, 0].to("cpu", CACHE_DTYPE) for level in empty_pyramid],
         fingerprint=fingerprint_value,
         input_ids=torch.stack(input_ids),
         attention_mask=torch.stack(attention_masks),

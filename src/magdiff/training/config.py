@@ -85,6 +85,10 @@ class TrainConfig:
     batch_size: int = 8
     """Clips per process per optimiser step."""
     max_steps: int = 10000
+    max_minutes: float | None = None
+    """A wall-clock budget for the training loop of this launch (the cache and the export not counted): once it is
+    spent, the step reached is logged, checkpointed and exported as ``max_steps`` would be, and ``--resume latest``
+    continues from it. For a job with a time limit (a queue slot, a lent accelerator); ``None``: no budget."""
     text_dropout: float = 0.15
     subject_image: str = "segmented"
     """What a filled slot holds: ``"segmented"`` (the frame's cut-out subject, the paper), ``"whole"`` (the whole
@@ -223,6 +227,7 @@ class TrainConfig:
             (self.resolution > 0, "resolution must be positive"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive (or null: no budget)"),
             (0.0 <= self.text_dropout <= 1.0, "text_dropout must be in [0, 1]"),
             (
                 self.slot_fill_all_probability >= 0.0

@@ -651,6 +651,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         pipeline.scheduler = pipeline.scheduler.__class__.from_config(
             pipeline.scheduler.config, prediction_type=config.prediction_type
         )
+    pipeline.to(accelerator.device)  # the frozen encoders build the cache there, and validation samples there
     if pipeline.unet.config.motion_max_seq_length < config.num_frames:
         raise MagDiffInputError(
             f"num_frames={config.num_frames} exceeds the model's maximum "
@@ -704,7 +705,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
 
     # 4. The loop
     log_path = output_dir / LOG_FILE
-    running_loss, running_count, started = 0.0, 0, time.perf_counter()
+    running_count, started = 0, time.perf_counter()
     drawn: list[torch.Tensor] = []  # this process's clip indices since the last log record
     bar = tqdm(
         total=config.max_steps,
@@ -713,8 +714,11 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         disable=not (progress and accelerator.is_main_process),
     )
     accumulation = config.gradient_accumulation_steps
+    deadline = None if config.max_minutes is None else time.monotonic() + 60.0 * config.max_minutes
+    # The loss stays on the device between log records: reading it every step would wait for the accelerator.
+    running_loss = torch.zeros((), device=accelerator.device)
     for step in range(start_step, config.max_steps):
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro_step in range(accumulation):  # accelerate syncs and steps on the last one
             generator = step_generator(config.seed, step)  # every micro-step draws the same global batch
             batch = training_batch(
@@ -758,7 +762,7 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                     accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)  # every trained one
                 prepared_optimizer.step()  # accelerate's optimiser steps (and zeroes) only when gradients are synced
                 prepared_optimizer.zero_grad(set_to_none=True)
-            step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / accumulation
+            step_loss += accelerator.reduce(loss.detach(), reduction="mean") / accumulation
         lr_scheduler.step()
         if ema is not None:
             ema.update(trainable, step)
@@ -767,12 +771,15 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
         running_count += 1
         done = step + 1
         bar.update(1)
-        if done % config.log_every == 0 or done == config.max_steps:
+        last = done == config.max_steps or (deadline is not None and out_of_time(accelerator, deadline))
+        if last and done < config.max_steps and accelerator.is_main_process:
+            print(f"the {config.max_minutes:g}-minute budget is spent at step {done} of {config.max_steps}")
+        if done % config.log_every == 0 or last:
             # every process's clips of the steps since the last record: (processes, steps * batch_size)
             clip_indices = accelerator.gather(torch.cat(drawn)).reshape(world_size, -1)
             record = {
                 "step": done,
-                "loss": running_loss / running_count,
+                "loss": running_loss.item() / running_count,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - started, 2),
                 "processes": world_size,
@@ -782,8 +789,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
             if accelerator.is_main_process:
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            running_loss, running_count, drawn = 0.0, 0, []
-        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            running_loss, running_count, drawn = torch.zeros_like(running_loss), 0, []
+        if done % config.checkpoint_every == 0 or last:
             if sharding is not None or accelerator.is_main_process:  # sharded: every process takes part in gathering
                 weights = accelerator.get_state_dict(model) if sharding == "deepspeed" else None
                 weights = gather_model_state(trained, sharded, scalars) if weights is None else weights
@@ -821,6 +828,8 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
                 validate(pipeline, trained, ema, config, done, output_dir)
                 frozen_originals = cast_for_training(pipeline, trained, config.mixed_precision)
                 trained.train()
+        if last:
+            break
     bar.close()
     restore_frozen(pipeline, frozen_originals)
     if not sharded:  # FSDP keeps one copy of the weights, in shards: there are no replicas to compare
@@ -837,6 +846,24 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
+
+
+def out_of_time(accelerator: Accelerator, deadline: float) -> bool:
+    """Whether the wall-clock ``deadline`` (``time.monotonic``) has passed; with several processes, the main
+    process's clock decides for all of them, so they stop at the same step."""
+    spent = time.monotonic() >= deadline
+    if accelerator.num_processes == 1:
+        return spent
+    flag = torch.tensor([float(spent and accelerator.is_main_process)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+def last_logged_step(output_dir: str | os.PathLike[str]) -> int | None:
+    """The step of the training log's last record in ``output_dir`` (``None`` without one)."""
+    path = Path(output_dir) / LOG_FILE
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    steps = [record["step"] for record in records if "step" in record]  # the run's last line is its checksums
+    return steps[-1] if steps else None
 
 
 def sharding_of(accelerator: Accelerator, resuming: bool = False) -> str | None:
@@ -944,15 +971,15 @@ def drop_records_after(path: Path, step: int) -> None:
 
 def weights_checksum(module: torch.nn.Module) -> float:
     """An order-sensitive checksum of every parameter (equal weights -> equal checksum)."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0
     for index, parameter in enumerate(module.parameters()):
-        total += (parameter.detach().double().flatten() * (1.0 + 1e-3 * index)).sum()
-    return float(total)
+        total += float((parameter.detach().double().flatten() * (1.0 + 1e-3 * index)).sum())
+    return total
 
 
 def check_replicas_agree(accelerator: Accelerator, unet: torch.nn.Module, log_path: Path) -> list[float]:
     """All processes must end with identical weights; log every rank's checksum and fail loudly otherwise."""
-    checksum = torch.tensor([weights_checksum(unet)], dtype=torch.float64)
+    checksum = torch.tensor([weights_checksum(unet)], dtype=torch.float64, device=accelerator.device)  # NCCL: GPU
     checksums = [float(value) for value in accelerator.gather(checksum).flatten()]
     if accelerator.is_main_process:
         with log_path.open("a") as handle:
