@@ -183,3 +183,44 @@ def test_the_image_encoder_view_is_part_of_the_fingerprint():
     other = "slot" if pipeline.unet.config.image_encoder_view == "crop" else "crop"
     pipeline.unet = MagDiffUNetModel.extended(pipeline.unet, image_encoder_view=other)
     assert _print(pipeline) != before  # the cached image tokens come from another view of the subject
+
+
+def _small_clips():
+    from magdiff.training.cache import EncodedClips
+
+    half = torch.float16
+    return EncodedClips(
+        latents=torch.randn(3, 4, 2, 4, 4).to(half),
+        text=torch.randn(3, 5, 8).to(half),
+        slot_embeds=torch.randn(3, 2, 6, 8).to(half),
+        slot_pyramid=[torch.randn(3, 2, 4, 4, 4).to(half), torch.randn(3, 2, 4, 6, 6).to(half)],
+        empty_text=torch.zeros(5, 8, dtype=half),
+        empty_embeds=torch.zeros(6, 8, dtype=half),
+        empty_pyramid=[torch.zeros(4, 4, 4, dtype=half), torch.zeros(4, 6, 6, dtype=half)],
+        fingerprint="f",
+        subject_masks=torch.ones(3, 2, 4, 4, dtype=half),
+    )
+
+
+def test_encoded_clips_count_their_bytes_and_move_whole():
+    clips = _small_clips()
+    values = 3 * 4 * 2 * 16 + 3 * 5 * 8 + 3 * 2 * 6 * 8 + 3 * 2 * 4 * (16 + 36) + 40 + 48 + 4 * (16 + 36) + 3 * 2 * 16
+    assert clips.nbytes == 2 * values
+    moved = clips.to("meta")
+    assert moved.fingerprint == "f" and len(moved) == 3
+    assert all(level.device.type == "meta" for level in (*moved.slot_pyramid, *moved.empty_pyramid))
+    assert moved.latents.device.type == "meta" and moved.subject_masks.device.type == "meta"
+    assert moved.input_ids is None  # absent fields stay absent
+    assert not trainer.fits_on_device(clips, torch.device("cpu"))  # on the CPU the cache is where it is read
+
+
+def test_a_batch_is_gathered_from_the_clips_and_is_the_same_for_the_same_generator():
+    clips = _small_clips()
+    config = config_from_dict({"batch_size": 4, "subject_dropout": 0.5}, get_preset("world-tiny"))
+    batch = trainer.make_batch(clips, config, torch.Generator().manual_seed(3), 1000)
+    again = trainer.make_batch(clips, config, torch.Generator().manual_seed(3), 1000)
+    torch.testing.assert_close(batch.noise, again.noise, rtol=0, atol=0)
+    assert batch.noise.shape == (4, 4, 2, 4, 4) and batch.timesteps.shape == (4,)
+    torch.testing.assert_close(batch.latents, clips.latents[batch.clip_indices].float(), rtol=0, atol=0)
+    other = trainer.make_batch(clips, config, torch.Generator().manual_seed(4), 1000)
+    assert not torch.equal(batch.noise, other.noise)

@@ -15,10 +15,12 @@ pixels does), for the subject-weighted loss (``subject_loss_weight``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,23 @@ class EncodedClips:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def to(self, device: torch.device | str) -> EncodedClips:
+        """The same clips with every tensor on ``device``."""
+
+        def move(value: Any) -> Any:
+            if isinstance(value, list):
+                return [level.to(device) for level in value]
+            return value.to(device) if isinstance(value, torch.Tensor) else value
+
+        return EncodedClips(**{field.name: move(getattr(self, field.name)) for field in dataclasses.fields(self)})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the clips' tensors."""
+        values = [getattr(self, field.name) for field in dataclasses.fields(self)]
+        tensors = [v for value in values for v in (value if isinstance(value, list) else [value])]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def save(self, path: str | Path) -> None:
         tensors = {

@@ -151,17 +151,21 @@ def make_batch(
     drawing them (streamed clips: ``clips`` holds this process's, read for its rows)."""
     batch_size = config.batch_size * world_size
     rows = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+    # The draws are made on the CPU with ``generator``; the gathers run where the clips are (a cache moved to the
+    # GPU is gathered there), and the noise is drawn there from a seed that ``generator`` gives.
+    device = clips.latents.device
     if index is None:
         index = torch.randint(0, len(clips), (batch_size,), generator=generator)
-    latents = clips.latents[index].float()
+    at = index.to(device)
+    latents = clips.latents[at].float()
     num_frames = latents.shape[2]
-    text = clips.text[index].float()
+    text = clips.text[at].float()
     dropped = torch.rand(batch_size, generator=generator) < config.text_dropout  # CFG: empty prompt
-    text[dropped] = clips.empty_text.float()
+    text[dropped.to(device)] = clips.empty_text.float()
     input_ids = attention_mask = None
     if clips.has_tokens:
-        input_ids, attention_mask = clips.input_ids[index].clone(), clips.attention_mask[index].clone()
-        input_ids[dropped], attention_mask[dropped] = clips.empty_ids, clips.empty_attention_mask
+        input_ids, attention_mask = clips.input_ids[at].clone(), clips.attention_mask[at].clone()
+        input_ids[dropped.to(device)], attention_mask[dropped.to(device)] = clips.empty_ids, clips.empty_attention_mask
     filled = draw_slot_filling(
         batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
     )
@@ -169,20 +173,32 @@ def make_batch(
         filled[torch.rand(batch_size, generator=generator) < config.subject_dropout] = False
     if config.subject_image == "none":  # the text-only baseline: the same draws, every slot left empty
         filled[:] = False
-    embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[index].float(), clips.empty_embeds.float())
+    filled = filled.to(device)
+    embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[at].float(), clips.empty_embeds.float())
     pyramid = []
     for slot_level, empty_level in zip(clips.slot_pyramid, clips.empty_pyramid):
-        level = torch.where(filled[:, :, None, None, None], slot_level[index].float(), empty_level.float())
+        level = torch.where(filled[:, :, None, None, None], slot_level[at].float(), empty_level.float())
         pyramid.append(level.permute(0, 2, 1, 3, 4))  # (b, c, F, h_s, w_s)
-    noise = torch.randn(latents.shape, generator=generator)
+    noise_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    noise = torch.randn(latents.shape, generator=torch.Generator(device).manual_seed(noise_seed), device=device)
     weights = timestep_weights(config, num_train_timesteps)
     if weights is None:
         timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     else:
         timesteps = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-    subject_masks = None if clips.subject_masks is None else clips.subject_masks[index].float()[:, None]
+    subject_masks = None if clips.subject_masks is None else clips.subject_masks[at].float()[:, None]
     batch = Batch(
-        latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask, subject_masks, index
+        latents,
+        text,
+        embeds,
+        pyramid,
+        noise,
+        timesteps.to(device),
+        filled,
+        input_ids,
+        attention_mask,
+        subject_masks,
+        index,
     )
     return batch if world_size == 1 else batch_rows(batch, rows)
 
@@ -560,26 +576,14 @@ class StreamedClips:
             expected = [int(sample["meta"]["index"]) for sample in samples]
         device = self.pipeline.vae.device
         on_device = [{**s, "frames": s["frames"].to(device), "masks": s["masks"].to(device)} for s in samples]
-        local = _clips_on_cpu(
-            encode_clips(self.pipeline, on_device, len(samples), config.resolution, "", False, self._subject_image)
-        )
+        # on the CPU, where the cache is read too
+        local = encode_clips(self.pipeline, on_device, len(samples), config.resolution, "", False, self._subject_image)
         # The global batch's rows: this process's clips in its rows (the others' rows are drawn, then dropped).
         index = torch.zeros(config.batch_size * world_size, dtype=torch.long)
         index[rank * config.batch_size : (rank + 1) * config.batch_size] = torch.arange(len(samples))
         batch = make_batch(local, config, generator, num_train_timesteps, rank, world_size, index=index)
         batch.clip_indices = torch.tensor(expected)
         return batch
-
-
-def _clips_on_cpu(clips: EncodedClips) -> EncodedClips:
-    """``clips`` with every tensor on the CPU, where the step's draws are made (as for the cache)."""
-
-    def move(value: Any) -> Any:
-        if isinstance(value, list):
-            return [level.cpu() for level in value]
-        return value.cpu() if isinstance(value, torch.Tensor) else value
-
-    return EncodedClips(**{field.name: move(getattr(clips, field.name)) for field in dataclasses.fields(clips)})
 
 
 def _shard_clip_count(dataset: str) -> int:
@@ -660,6 +664,10 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     clips = load_or_build_cache(config, pipeline, accelerator, progress and accelerator.is_main_process)
     if prepare_only:
         return Path(config.cache_dir or output_dir / "cache")
+    if isinstance(clips, EncodedClips) and fits_on_device(clips, accelerator.device):
+        clips = clips.to(accelerator.device)  # each step's batch is gathered there: no copy from the CPU per step
+        if accelerator.is_main_process:
+            print(f"the cache of {len(clips)} clips ({clips.nbytes / 2**30:.2f} GiB) is held on {accelerator.device}")
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config, prediction_type=config.prediction_type)
 
     # 2. What trains, the optimiser and its schedule (stepped once per optimiser step, whatever the process count)
@@ -846,6 +854,15 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
+
+
+def fits_on_device(clips: EncodedClips, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the cache takes at most ``share`` of the accelerator's free memory (never on the CPU, where it
+    already is)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return clips.nbytes <= share * free
 
 
 def out_of_time(accelerator: Accelerator, deadline: float) -> bool:
