@@ -271,7 +271,7 @@ def encode_clips(
         # The encoders run on the pipeline's device (a GPU when there is one); the cache is kept on the CPU.
         latents.append(pipeline._vae_mean_latents(frames.to(device)).permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))
         latent_size = latents[-1].shape[-2:]
-        subject_masks.append(F.adaptive_max_pool2d(masks.float(), latent_size)[:, 0].to(CACHE_DTYPE))  # (F, h, w)
+        subject_masks.append(F.adaptive_max_pool2d(masks.float(), latent_size)[:, 0].to("cpu", CACHE_DTYPE))
         ids, mask = pipeline.tokenize_prompt([sample["caption"]])
         text = encode_tokens(pipeline.text_encoder, ids.to(device), mask.to(device))
         texts.append(text[0].to("cpu", CACHE_DTYPE))

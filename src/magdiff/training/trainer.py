@@ -186,19 +186,10 @@ def make_batch(
         timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     else:
         timesteps = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+    timesteps = timesteps.to(device)
     subject_masks = None if clips.subject_masks is None else clips.subject_masks[at].float()[:, None]
     batch = Batch(
-        latents,
-        text,
-        embeds,
-        pyramid,
-        noise,
-        timesteps.to(device),
-        filled,
-        input_ids,
-        attention_mask,
-        subject_masks,
-        index,
+        latents, text, embeds, pyramid, noise, timesteps, filled, input_ids, attention_mask, subject_masks, index
     )
     return batch if world_size == 1 else batch_rows(batch, rows)
 
