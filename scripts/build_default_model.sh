@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the packaged default model from scratch on CPU (see docs/default_model.md for times and figures).
 #   0. the world tokenizer ships in the package (python -m magdiff.tokenization rebuilds it, 4 s)
-#   1. the world VAE (factor 4, 16 latent channels; docs/vae.md), then its decoder alone fine-tuned (the latents,
-#      which everything below is trained on, stay exactly the same)
+#   1. the world VAE (factor 4, 16 latent channels; docs/vae.md): three phases, its decoder alone, then the whole
+#      VAE again at batch 16 (the latents everything below is trained on are that last phase's)
 #   2. the world CLIP (docs/world_clip.md): both towers on slot views, then the image tower (and the text projection)
 #      on crop views with the text transformer frozen
 #   3. U-Net stage 1: the text-to-video base (world preset, every subject slot empty), two processes (torchrun, gloo)
@@ -29,6 +29,7 @@ FOUNDATIONS=${FOUNDATIONS:-train}
 case "$FOUNDATIONS" in train | packaged) ;; *) echo "FOUNDATIONS must be train or packaged" >&2; exit 2 ;; esac
 VAE_PHASES=(1000 4000 3000)  # whole frames from scratch, 32 px crops, whole frames again
 DECODER_STEPS=12000
+FULL_STEPS=12000
 VAE_EVAL=()
 CLIP_STEPS=(3900 4000)
 CLIP_EVAL=200
@@ -36,7 +37,7 @@ HEAD_STEPS=10000
 USER_STYLE=64
 if [ "${QUICK:-0}" = 1 ]; then  # minutes, not hours: checks the plumbing, not the figures
   CLIPS=16 BASE_STEPS=4 STEPS=4 BENCH=2 USER_STYLE=2 CLIP_STEPS=(2 4) CLIP_EVAL=4 HEAD_STEPS=20
-  VAE_PHASES=(2 2 2) DECODER_STEPS=2
+  VAE_PHASES=(2 2 2) DECODER_STEPS=2 FULL_STEPS=2
   VAE_EVAL=(--eval-every 2 --eval-frames 4 --final-eval-frames 4 --user-style-subjects 2)
 fi
 mkdir -p "$RUN"
@@ -45,7 +46,7 @@ resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi
 if [ "$FOUNDATIONS" = packaged ]; then
   VAE_DIR=src/magdiff/assets/world_vae VAE_DECODER_DIR=src/magdiff/assets/world_vae CLIP_DIR=src/magdiff/assets/world_clip
 else
-  VAE_DIR=$RUN/vae VAE_DECODER_DIR=$RUN/vae_decoder CLIP_DIR=$RUN/clip/towers
+  VAE_DIR=$RUN/vae_full VAE_DECODER_DIR=$RUN/vae_full CLIP_DIR=$RUN/clip/towers
 fi
 if [ "$FOUNDATIONS" = train ]; then
 # 1. VAE: the whole autoencoder in three phases (each from the previous one's weights), then the decoder alone.
@@ -64,6 +65,9 @@ vae_phase "$RUN/vae_p2" --steps "${VAE_PHASES[1]}" --crop-size 32 --lr 1e-3 --wa
 vae_phase "$RUN/vae" --steps "${VAE_PHASES[2]}" --lr 5e-4 --min-lr 3e-5 --warmup-steps 50 --init-from "$RUN/vae_p2"
 vae_phase "$RUN/vae_decoder" --steps "$DECODER_STEPS" --lr 3e-4 --min-lr 2e-5 --warmup-steps 50 --decoder-only \
   --init-from "$RUN/vae"
+# The whole VAE again from there, at batch 16: the subjects' textures come back (docs/vae.md, phase 5).
+vae_phase "$RUN/vae_full" --steps "$FULL_STEPS" --batch-size 16 --lr 4e-4 --min-lr 2e-5 --warmup-steps 100 \
+  --init-from "$RUN/vae_decoder"
 
 # 2. World CLIP: slot views, then crop views on the frozen text transformer.
 if [ ! -d "$RUN/clip_slot/towers/text_encoder" ]; then
