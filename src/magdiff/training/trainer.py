@@ -160,12 +160,12 @@ def make_batch(
     latents = clips.latents[at].float()
     num_frames = latents.shape[2]
     text = clips.text[at].float()
-    dropped = torch.rand(batch_size, generator=generator) < config.text_dropout  # CFG: empty prompt
-    text[dropped.to(device)] = clips.empty_text.float()
+    dropped = (torch.rand(batch_size, generator=generator) < config.text_dropout).to(device)  # CFG: empty prompt
+    text[dropped] = clips.empty_text.float()
     input_ids = attention_mask = None
     if clips.has_tokens:
         input_ids, attention_mask = clips.input_ids[at].clone(), clips.attention_mask[at].clone()
-        input_ids[dropped.to(device)], attention_mask[dropped.to(device)] = clips.empty_ids, clips.empty_attention_mask
+        input_ids[dropped], attention_mask[dropped] = clips.empty_ids, clips.empty_attention_mask
     filled = draw_slot_filling(
         batch_size, num_frames, generator, config.slot_fill_all_probability, config.slot_fill_subset_probability
     )
@@ -496,12 +496,7 @@ class StreamedClips:
             self.num_clips = min(config.num_train_samples, len(self.dataset))
         self._iterator: Iterator[list[dict[str, Any]]] | None = None
         self._subject_image = "whole" if config.subject_image == "whole" else "segmented"
-        # The frozen encoders run in the step: on the accelerator's device (a trained text encoder moves with the
-        # model it is part of).
-        for name in ("vae", "image_encoder", "text_encoder"):
-            component = getattr(pipeline, name, None)
-            if component is not None and not (name == "text_encoder" and config.train_text_encoder):
-                component.to(accelerator.device)
+        # The frozen encoders run in the step, on the accelerator's device, where train() has put the pipeline.
 
     def _start(self, step: int) -> None:
         config, accelerator = self.config, self.accelerator
