@@ -407,3 +407,34 @@ def test_decoder_only_training_keeps_the_latent_space(tmp_path: Path) -> None:
     assert second["scaling_factor"] == pytest.approx(first["scaling_factor"], rel=1e-6)
     with pytest.raises(MagDiffInputError, match="init_from"):
         _tiny_config(train_decoder_only=True)
+
+
+def test_latent_noise_reaches_the_decoder_in_latent_stds() -> None:
+    torch.manual_seed(0)
+    vae = build_autoencoder(_tiny_config()).eval()
+    vae.register_to_config(scaling_factor=0.5)  # latent std 2: the noise is scaled by it
+    frames, masks = world_frames(4)
+    seen: list[torch.Tensor] = []
+    vae.post_quant_conv.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))  # decode's input
+
+    def decoded(latent_noise: float) -> torch.Tensor:
+        config = _tiny_config(init_from="unused", train_decoder_only=True, latent_noise=latent_noise)
+        with torch.no_grad():
+            ae._loss(vae, frames, masks, config, torch.Generator().manual_seed(0))
+        return seen[-1]
+
+    exact = decoded(0.0)
+    noisy = decoded(1.0)
+    again = decoded(1.0)
+    assert torch.equal(noisy, again)  # drawn from the step's generator, after the posterior's sample
+    # per frame, a std drawn from U(0, 1) latent stds, U(0, 2) here (this seed draws 0.65, 1.41, 1.32, 0.77)
+    added = (noisy - exact).flatten(1).std(dim=1)
+    assert float(added.max()) > 1.2 and float(added.max()) <= 2.05  # in latent stds, not in raw latent units
+    assert float(added.min()) < 0.9 and float(added.std()) > 0.2  # a std per frame, not one for the batch
+
+
+def test_latent_noise_needs_a_frozen_encoder() -> None:
+    with pytest.raises(MagDiffInputError, match="train_decoder_only"):
+        _tiny_config(latent_noise=0.2)
+    with pytest.raises(MagDiffInputError, match="latent_noise must be >= 0"):
+        _tiny_config(init_from="x", train_decoder_only=True, latent_noise=-0.1)

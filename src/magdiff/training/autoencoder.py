@@ -135,6 +135,11 @@ class AutoencoderConfig:
     """Train only the decoder (``post_quant_conv`` and ``decoder``) of the ``init_from`` model; the encoder and
     ``quant_conv`` stay frozen, so the latent space, and every latent a U-Net was trained on, stays exactly the same
     (Stable Diffusion's fine-tuned-decoder VAEs were made this way). Needs ``init_from``."""
+    latent_noise: float = 0.0
+    """With ``train_decoder_only``: Gaussian noise is added to each frame's latent before it is decoded, its std drawn
+    uniformly from ``[0, latent_noise]`` per frame in units of the latent std (the scaled space a U-Net denoises in:
+    ``1 / scaling_factor`` of the ``init_from`` model). A diffusion model's latents are never exact; a decoder that
+    has only seen exact ones renders their small errors as texture over flat backgrounds. ``0``: exact latents."""
     eval_every: int = 500
     num_eval_frames: int = 128
     """Held-out frames of the periodic evaluations (the final evaluation uses ``num_final_eval_frames``)."""
@@ -192,6 +197,13 @@ class AutoencoderConfig:
             )
         if self.subject_loss_weight < 1.0:
             raise MagDiffInputError(f"subject_loss_weight must be >= 1, got {self.subject_loss_weight}.")
+        if self.latent_noise < 0:
+            raise MagDiffInputError(f"latent_noise must be >= 0, got {self.latent_noise}.")
+        if self.latent_noise > 0 and not self.train_decoder_only:
+            raise MagDiffInputError(
+                "latent_noise needs train_decoder_only: with the encoder trained too, the noise would push it to "
+                "scale its latents up instead of teaching the decoder to read slightly-off ones."
+            )
 
     @property
     def downsampling_factor(self) -> int:
@@ -644,7 +656,12 @@ def _loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample(generator=generator)).sample
+        z = posterior.sample(generator=generator)
+        if config.latent_noise > 0:  # per frame: std ~ U(0, latent_noise) latent stds
+            latent_std = 1.0 / float(vae.config.scaling_factor)
+            scale = torch.rand(z.shape[0], 1, 1, 1, generator=generator) * config.latent_noise * latent_std
+            z = z + scale.to(z) * torch.randn(z.shape, generator=generator).to(z)
+        y = vae.decode(z).sample
     y = y.float()
     weight = 1.0 + (config.subject_loss_weight - 1.0) * mask  # (n, 1, H, W), broadcast over channels
     weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)  # keep the loss scale independent of subject size
@@ -1022,6 +1039,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--decoder-only", action="store_true", help="train only the decoder of --init-from (the latents stay the same)"
     )
+    parser.add_argument(
+        "--latent-noise",
+        type=float,
+        default=defaults.latent_noise,
+        help="with --decoder-only: noise std, up to this many latent stds, added to the latents the decoder reads",
+    )
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-frames", type=int, default=defaults.num_eval_frames)
     parser.add_argument("--final-eval-frames", type=int, default=defaults.num_final_eval_frames)
@@ -1071,6 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             init_from=args.init_from,
             train_decoder_only=args.decoder_only,
+            latent_noise=args.latent_noise,
             eval_every=args.eval_every,
             num_eval_frames=args.eval_frames,
             num_final_eval_frames=args.final_eval_frames,
