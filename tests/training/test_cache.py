@@ -71,6 +71,23 @@ def test_an_encoder_only_vae_change_is_seen():
     assert _print(pipeline) == before
 
 
+def test_a_decoder_only_vae_change_keeps_the_cache():
+    """The cache holds latent means: a decoder fine-tuned on the same encoder reads the same latents."""
+    pipeline = _pipeline()
+    before = _print(pipeline)
+    frames = torch.rand(1, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        latents = pipeline._vae_mean_latents(frames)
+        for name, tensor in pipeline.vae.state_dict().items():
+            if name.startswith(("decoder.", "post_quant_conv.")):
+                tensor.add_(0.05)
+        assert torch.equal(pipeline._vae_mean_latents(frames), latents)
+    assert _print(pipeline) == before
+    with torch.no_grad():
+        pipeline.vae.quant_conv.bias.add_(0.05)  # encodes: part of the latents
+    assert _print(pipeline) != before
+
+
 def test_a_last_layer_image_encoder_change_is_seen():
     pipeline = _pipeline()
     before = _print(pipeline)

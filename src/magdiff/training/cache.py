@@ -157,14 +157,22 @@ def _config_fields(module: torch.nn.Module) -> dict:
     }
 
 
-def weights_digest(module: torch.nn.Module) -> str:
+#: The parts of a diffusers VAE that only decode: the cache holds latent means, which they never touch.
+VAE_DECODER_PARTS = ("decoder.", "post_quant_conv.")
+
+
+def weights_digest(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
     """SHA-256 of every tensor of ``module``'s state dict (name, dtype, shape and all its bytes) and of its config.
 
     Every byte, not a sample: any change to any weight gives another digest. The cost is one pass over the weights
-    (about 1 GB/s on one CPU core, so a second or two for SD-sized VAE and CLIP encoders, once per run)."""
+    (about 1 GB/s on one CPU core, so a second or two for SD-sized VAE and CLIP encoders, once per run).
+
+    ``skip``: prefixes of tensor names left out (a VAE's decoder, :data:`VAE_DECODER_PARTS`)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(_config_fields(module), sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
+        if name.startswith(skip):
+            continue
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().data)
@@ -215,14 +223,14 @@ def fingerprint(
     dataset: Dataset | None = None,
 ) -> str:
     """Identifies what a cache was built from, so a stale cache is rebuilt: the data (:func:`data_digest`), the
-    settings, the tokenizer, and every weight and config of the frozen encoders that feed it (VAE, text encoder,
-    image encoder; :func:`weights_digest`).
+    settings, the tokenizer, and every weight and config of the frozen encoders that feed it (the VAE's encoder, the
+    text encoder, the image encoder; :func:`weights_digest`).
 
     ``text_from_tokens``: the run trains the text encoder and reads the cached token ids, never the cached text
     states, so the text encoder's weights are left out (one cache serves every continuation of such a run)."""
     digest = hashlib.sha256()
     fields: list = [
-        "cache v2",  # v1 hashed a sample of the weights and the dataset's name only
+        "cache v3",  # v1 hashed a sample of the weights and the dataset's name only, v2 the VAE's decoder too
         num_samples,
         num_frames,
         resolution,
@@ -239,7 +247,9 @@ def fingerprint(
     view = pipeline.unet.config.get("image_encoder_view", "slot")
     if view != "slot":  # (only then: caches of the slot view keep their fingerprints)
         fields.append(["image_encoder_view", view])
-    modules = [pipeline.vae, pipeline.image_encoder] + ([] if text_from_tokens else [pipeline.text_encoder])
+    # The VAE's encoder only: a decoder fine-tuned on the same encoder (docs/vae.md, phase 6) keeps the cache.
+    fields.append(weights_digest(pipeline.vae, skip=VAE_DECODER_PARTS))
+    modules = [pipeline.image_encoder] + ([] if text_from_tokens else [pipeline.text_encoder])
     fields += [weights_digest(module) for module in modules]
     digest.update(json.dumps(fields).encode())
     return digest.hexdigest()[:16]

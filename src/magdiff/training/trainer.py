@@ -396,6 +396,25 @@ _DEFAULT_SAMPLING: dict[str, Any] = {
 }
 
 
+def cache_path(config: TrainConfig, pipeline: MagDiffPipeline, dataset: Dataset | None = None) -> Path:
+    """Where the run's latent cache is, named by its fingerprint (:func:`~magdiff.training.cache.fingerprint`)."""
+    dataset = training_dataset(config) if dataset is None else dataset
+    expected = fingerprint(
+        pipeline,
+        config.dataset,
+        min(config.num_train_samples, len(dataset)),
+        config.num_frames,
+        config.resolution,
+        "whole" if config.subject_image == "whole" else "segmented",
+        text_from_tokens=config.train_text_encoder,
+        dataset=dataset,
+    )
+    sampling = {key: getattr(config, key) for key in _DEFAULT_SAMPLING}
+    if sampling != _DEFAULT_SAMPLING:  # other frames of the same videos: another cache
+        expected = hashlib.sha256(json.dumps([expected, sampling], sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config.cache_dir or Path(config.output_dir) / "cache") / f"clips_{expected}.safetensors"
+
+
 def load_or_build_cache(
     config: TrainConfig, pipeline: MagDiffPipeline, accelerator: Accelerator, progress: bool
 ) -> EncodedClips | StreamedClips:
@@ -403,24 +422,11 @@ def load_or_build_cache(
     ``data_mode: stream`` a :class:`StreamedClips` that reads and encodes them step by step."""
     if config.data_mode == "stream":
         return StreamedClips(config, pipeline, accelerator)
-    cache_dir = Path(config.cache_dir or Path(config.output_dir) / "cache")
     dataset = training_dataset(config)
+    path = cache_path(config, pipeline, dataset)
+    expected = path.stem.removeprefix("clips_")
     num_samples = min(config.num_train_samples, len(dataset))
     subject_image = "whole" if config.subject_image == "whole" else "segmented"
-    expected = fingerprint(
-        pipeline,
-        config.dataset,
-        num_samples,
-        config.num_frames,
-        config.resolution,
-        subject_image,
-        text_from_tokens=config.train_text_encoder,
-        dataset=dataset,
-    )
-    sampling = {key: getattr(config, key) for key in _DEFAULT_SAMPLING}
-    if sampling != _DEFAULT_SAMPLING:  # other frames of the same videos: another cache
-        expected = hashlib.sha256(json.dumps([expected, sampling], sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"clips_{expected}.safetensors"
     needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
         ("subject_masks",) if config.subject_loss_weight > 0 else ()
     )
