@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the packaged default model from scratch on CPU (see docs/default_model.md for times and figures).
 #   0. the world tokenizer ships in the package (python -m magdiff.tokenization rebuilds it, 4 s)
-#   1. the world VAE (factor 4, 16 latent channels; docs/vae.md): three phases, its decoder alone, then the whole
-#      VAE again at batch 16 (the latents everything below is trained on are that last phase's)
+#   1. the world VAE (factor 4, 16 latent channels; docs/vae.md): three phases, its decoder alone, the whole VAE
+#      again at batch 16 (the latents everything below is trained on are that phase's), then its decoder alone on
+#      noisy latents (the decoder the pipeline ships; the encoder, and so the latent cache, stay as they are)
 #   2. the world CLIP (docs/world_clip.md): both towers on slot views, then the image tower (and the text projection)
 #      on crop views with the text transformer frozen
 #   3. U-Net stage 1: the text-to-video base (world preset, every subject slot empty), two processes (torchrun, gloo)
@@ -12,7 +13,7 @@
 #   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
 # FOUNDATIONS=packaged skips steps 1-2 and trains the U-Net on the VAE and world CLIP shipped in src/magdiff/assets
-# (the packaged VAE's encoder is the one its decoder was fine-tuned on, so its latents are those of step 1).
+# (the packaged VAE's encoder is the one of step 1's fifth phase, so its latents are those of step 1).
 # Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
 # re-running the script continues an interrupted build. A quick check that every step runs:
 #   RUN=runs/smoke QUICK=1 INSTALL=0 bash scripts/build_default_model.sh
@@ -30,6 +31,7 @@ case "$FOUNDATIONS" in train | packaged) ;; *) echo "FOUNDATIONS must be train o
 VAE_PHASES=(1000 4000 3000)  # whole frames from scratch, 32 px crops, whole frames again
 DECODER_STEPS=12000
 FULL_STEPS=12000
+NOISE_STEPS=3000
 VAE_EVAL=()
 CLIP_STEPS=(3900 4000)
 CLIP_EVAL=200
@@ -37,7 +39,7 @@ HEAD_STEPS=10000
 USER_STYLE=64
 if [ "${QUICK:-0}" = 1 ]; then  # minutes, not hours: checks the plumbing, not the figures
   CLIPS=16 BASE_STEPS=4 STEPS=4 BENCH=2 USER_STYLE=2 CLIP_STEPS=(2 4) CLIP_EVAL=4 HEAD_STEPS=20
-  VAE_PHASES=(2 2 2) DECODER_STEPS=2 FULL_STEPS=2
+  VAE_PHASES=(2 2 2) DECODER_STEPS=2 FULL_STEPS=2 NOISE_STEPS=2
   VAE_EVAL=(--eval-every 2 --eval-frames 4 --final-eval-frames 4 --user-style-subjects 2)
 fi
 mkdir -p "$RUN"
@@ -46,10 +48,11 @@ resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi
 if [ "$FOUNDATIONS" = packaged ]; then
   VAE_DIR=src/magdiff/assets/world_vae VAE_DECODER_DIR=src/magdiff/assets/world_vae CLIP_DIR=src/magdiff/assets/world_clip
 else
-  VAE_DIR=$RUN/vae_full VAE_DECODER_DIR=$RUN/vae_full CLIP_DIR=$RUN/clip/towers
+  VAE_DIR=$RUN/vae_full VAE_DECODER_DIR=$RUN/vae_dn CLIP_DIR=$RUN/clip/towers
 fi
 if [ "$FOUNDATIONS" = train ]; then
-# 1. VAE: the whole autoencoder in three phases (each from the previous one's weights), then the decoder alone.
+# 1. VAE: the whole autoencoder in three phases (each from the previous one's weights), the decoder alone, the whole
+# autoencoder again, and the decoder alone on noisy latents.
 VAE=(--threads 1 --bf16 --channels 48,64,96 --latent-channels 16 "${VAE_EVAL[@]}")
 vae_phase() {  # vae_phase OUT [flags...]
   local out=$1
@@ -68,6 +71,10 @@ vae_phase "$RUN/vae_decoder" --steps "$DECODER_STEPS" --lr 3e-4 --min-lr 2e-5 --
 # The whole VAE again from there, at batch 16: the subjects' textures come back (docs/vae.md, phase 5).
 vae_phase "$RUN/vae_full" --steps "$FULL_STEPS" --batch-size 16 --lr 4e-4 --min-lr 2e-5 --warmup-steps 100 \
   --init-from "$RUN/vae_decoder"
+# Its decoder alone, reading latents with noise of up to 0.4 latent stds: a generated latent's small errors are drawn
+# as the colour around them, not as pattern (docs/vae.md, phase 6). The encoder is not trained.
+vae_phase "$RUN/vae_dn" --steps "$NOISE_STEPS" --decoder-only --latent-noise 0.4 --batch-size 16 --lr 1e-4 \
+  --min-lr 1e-5 --warmup-steps 50 --init-from "$RUN/vae_full"
 
 # 2. World CLIP: slot views, then crop views on the frozen text transformer.
 if [ ! -d "$RUN/clip_slot/towers/text_encoder" ]; then
@@ -118,7 +125,7 @@ else
   fi
 fi
 MODEL=$RUN/magdiff/model
-# The fine-tuned decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
+# The noise-trained decoder: the same encoder (and latents) as the VAE the U-Net was trained with.
 rm -rf "$MODEL/vae" && cp -r "$VAE_DECODER_DIR" "$MODEL/vae" && rm -f "$MODEL/vae/training_log.jsonl"
 
 # 5. The trajectory head (8-frame paths: the world's clips; longer requests are refused, docs/reliability.md).
