@@ -11,6 +11,10 @@ frames instead of the cut-outs and is a cache of its own.
 
 Each clip's subject masks are stored at the latent resolution too (a latent pixel counts as subject when any of its
 pixels does), for the subject-weighted loss (``subject_loss_weight``).
+
+With ``slot_fill_background_probability`` > 0 every frame is also encoded without its subject (the cut-out of the
+mask's complement, the slots of a keep-background edit): ``background_embeds`` and ``background_pyramid``. A cache
+built without them gets them added in place (:func:`add_background_slots`): the rest is not encoded again.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
-from ..sda import cut_out, empty_slots
+from ..sda import complement, cut_out, empty_slots
 
 CACHE_DTYPE = torch.float16
 DEFAULT_CACHE_SCALES = (1.0, 1.25, 1.5)
@@ -45,6 +49,7 @@ def cache_scales(pipeline: MagDiffPipeline) -> tuple[float, ...]:
 
 
 TOKEN_FIELDS = ("input_ids", "attention_mask", "empty_ids", "empty_attention_mask")
+BACKGROUND_FIELDS = ("background_embeds",)  # (with background_pyramid.{i}: one per scale)
 
 
 @dataclass
@@ -64,6 +69,8 @@ class EncodedClips:
     empty_ids: torch.Tensor | None = None  # (n_txt,) the empty prompt's ids
     empty_attention_mask: torch.Tensor | None = None  # (n_txt,)
     subject_masks: torch.Tensor | None = None  # (N, F, h, w) 1 where a latent pixel covers the subject
+    background_embeds: torch.Tensor | None = None  # (N, F, n_img, d) each frame without its subject
+    background_pyramid: list[torch.Tensor] | None = None  # per scale (N, F, c, h_s, w_s)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -99,6 +106,10 @@ class EncodedClips:
         for index, (slot, empty) in enumerate(zip(self.slot_pyramid, self.empty_pyramid)):
             tensors[f"slot_pyramid.{index}"] = slot
             tensors[f"empty_pyramid.{index}"] = empty
+        if self.background_embeds is not None and self.background_pyramid is not None:
+            tensors["background_embeds"] = self.background_embeds
+            for index, level in enumerate(self.background_pyramid):
+                tensors[f"background_pyramid.{index}"] = level
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.partial")
@@ -126,7 +137,13 @@ class EncodedClips:
             # (weight the loss by the subject).
             *(tensors.get(name) for name in TOKEN_FIELDS),
             tensors.get("subject_masks"),
+            tensors.get("background_embeds"),
+            [tensors[f"background_pyramid.{i}"] for i in scales] if "background_embeds" in tensors else None,
         )
+
+    @property
+    def has_background(self) -> bool:
+        return self.background_embeds is not None and self.background_pyramid is not None
 
     @property
     def has_tokens(self) -> bool:
@@ -264,20 +281,23 @@ def encode_clips(
     fingerprint_value: str,
     progress: bool = True,
     subject_image: str = "segmented",
+    background: bool = False,
 ) -> EncodedClips:
     """Run the frozen encoders over the first ``num_samples`` clips of ``dataset``; ``subject_image="whole"``
-    encodes each whole frame as its slot instead of the cut-out subject."""
+    encodes each whole frame as its slot instead of the cut-out subject; ``background`` also encodes each frame
+    without its subject (the keep-background slots)."""
     scales = cache_scales(pipeline)
     size = (resolution, resolution)
     device = pipeline.device
     latents, texts, slot_embeds, input_ids, attention_masks, subject_masks = [], [], [], [], [], []
     slot_pyramid: list[list[torch.Tensor]] = []
+    background_embeds: list[torch.Tensor] = []
+    background_pyramid: list[list[torch.Tensor]] = []
     for index in tqdm(range(num_samples), desc="caching latents", disable=not progress):
         sample = dataset[index]
         frames, masks = sample["frames"], sample["masks"]  # (F, 3, H, W), (F, 1, H, W)
         if tuple(frames.shape[-2:]) != size:
             raise ValueError(f"Clip {index} is {tuple(frames.shape[-2:])}, the config asks for {size}.")
-        num_frames = frames.shape[0]
         # The encoders run on the pipeline's device (a GPU when there is one); the cache is kept on the CPU.
         latents.append(pipeline._vae_mean_latents(frames.to(device)).permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))
         latent_size = latents[-1].shape[-2:]
@@ -288,12 +308,11 @@ def encode_clips(
         input_ids.append(ids[0])
         attention_masks.append(mask[0])
         slots = frames if subject_image == "whole" else cut_out(frames, masks)  # (F, 3, H, W)
-        embeds, pyramid = pipeline.encode_subject_slots(slots, torch.ones(num_frames, dtype=torch.bool), size, scales)
-        slot_embeds.append(embeds[0].to("cpu", CACHE_DTYPE))  # (F, n, d)
-        for scale, level in enumerate(pyramid):  # (1, c, F, h_s, w_s)
-            if len(slot_pyramid) <= scale:
-                slot_pyramid.append([])
-            slot_pyramid[scale].append(level[0].permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))  # (F, c, h_s, w_s)
+        _encode_slots(pipeline, slots, size, scales, slot_embeds, slot_pyramid)
+        if background:
+            _encode_slots(
+                pipeline, cut_out(frames, complement(masks)), size, scales, background_embeds, background_pyramid
+            )
     empty = empty_slots(1, *size)
     empty_embeds, empty_pyramid = pipeline.encode_subject_slots(empty, torch.zeros(1, dtype=torch.bool), size, scales)
     empty_text = pipeline.encode_prompt([""], pipeline.device)[0]
@@ -312,4 +331,49 @@ def encode_clips(
         empty_ids=empty_ids[0],
         empty_attention_mask=empty_mask[0],
         subject_masks=torch.stack(subject_masks),
+        background_embeds=torch.stack(background_embeds) if background else None,
+        background_pyramid=[torch.stack(level) for level in background_pyramid] if background else None,
     )
+
+
+def _encode_slots(
+    pipeline: MagDiffPipeline,
+    slots: torch.Tensor,
+    size: tuple[int, int],
+    scales: tuple[float, ...],
+    embeds_out: list[torch.Tensor],
+    pyramid_out: list[list[torch.Tensor]],
+) -> None:
+    """One clip's filled slots ``(F, 3, H, W)`` through the image encoder and the HFA pyramid, appended to
+    ``embeds_out`` (F, n, d) and to ``pyramid_out``'s per-scale lists (F, c, h_s, w_s), in the cache's dtype."""
+    num_frames = slots.shape[0]
+    embeds, pyramid = pipeline.encode_subject_slots(slots, torch.ones(num_frames, dtype=torch.bool), size, scales)
+    embeds_out.append(embeds[0].to("cpu", CACHE_DTYPE))
+    for scale, level in enumerate(pyramid):  # (1, c, F, h_s, w_s)
+        if len(pyramid_out) <= scale:
+            pyramid_out.append([])
+        pyramid_out[scale].append(level[0].permute(1, 0, 2, 3).to("cpu", CACHE_DTYPE))
+
+
+@torch.no_grad()
+def add_background_slots(
+    path: str | Path, pipeline: MagDiffPipeline, dataset: Dataset, resolution: int, progress: bool = True
+) -> EncodedClips:
+    """Encode the keep-background slots of the clips of the cache at ``path`` (every frame without its subject)
+    and write the cache again with them, atomically; nothing else is encoded again. Returns the whole cache."""
+    clips = EncodedClips.load(path)
+    scales = cache_scales(pipeline)
+    if len(scales) != len(clips.slot_pyramid):
+        raise ValueError(f"the cache at {path} holds {len(clips.slot_pyramid)} scales, the model reads {len(scales)}")
+    size = (resolution, resolution)
+    device = pipeline.device
+    embeds: list[torch.Tensor] = []
+    pyramid: list[list[torch.Tensor]] = []
+    for index in tqdm(range(len(clips)), desc="caching background slots", disable=not progress):
+        sample = dataset[index]
+        frames, masks = sample["frames"].to(device), sample["masks"].to(device)
+        _encode_slots(pipeline, cut_out(frames, complement(masks)), size, scales, embeds, pyramid)
+    clips.background_embeds = torch.stack(embeds)
+    clips.background_pyramid = [torch.stack(level) for level in pyramid]
+    clips.save(path)
+    return clips

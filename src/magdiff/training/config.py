@@ -95,6 +95,13 @@ class TrainConfig:
     frame, the ablation the paper's SDA argues against) or ``"none"`` (slots always empty: the text-only baseline)."""
     slot_fill_all_probability: float = 0.3
     slot_fill_subset_probability: float = 0.2
+    slot_fill_background_probability: float = 0.0
+    """Probability that a clip trains as a keep-background edit (``keep="background"``): every slot holds its frame
+    without the subject (the cut-out of the mask's complement) and the model learns to put back the subject the
+    caption describes. Drawn after the slot filling and ``subject_dropout``, and only when above 0 (so runs without
+    it keep their draws). Needs the cache's background slots, which are encoded (or added to an existing cache)
+    when it is above 0. [ours]: the paper trains the subject cut-outs only, so its keep-background edit is never seen
+    in training."""
     subject_dropout: float = 0.0
     """Probability that a clip trains with every subject slot empty, whatever the slot filling drew: the
     unconditional branch of image guidance (``image_guidance_scale``) and of generation without a subject, as
@@ -234,6 +241,15 @@ class TrainConfig:
                 and self.slot_fill_subset_probability >= 0.0
                 and self.slot_fill_all_probability + self.slot_fill_subset_probability <= 1.0,
                 "slot_fill_all_probability + slot_fill_subset_probability must be in [0, 1]",
+            ),
+            (
+                0.0 <= self.slot_fill_background_probability <= 1.0,
+                "slot_fill_background_probability must be in [0, 1]",
+            ),
+            (
+                self.slot_fill_background_probability == 0.0 or self.subject_image == "segmented",
+                "slot_fill_background_probability needs subject_image: segmented (the background slots are the "
+                "complement of the subject's mask)",
             ),
             (self.prediction_type in ("epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction"),
             (self.trainable in ("magdiff", "all"), "trainable must be 'magdiff' or 'all'"),
@@ -490,6 +506,9 @@ def preset_world() -> TrainConfig:
         # validation clips in 1,000 steps with it. Slots are filled as generation (slot 0) or editing (all) does.
         subject_loss_weight=4.0,
         slot_fill_subset_probability=0.0,
+        # Keep-background edits ("a blue circle ..." where the source's subject was): trained on 15% of the clips,
+        # since the subject cut-outs alone never show the model a frame with the subject missing.
+        slot_fill_background_probability=0.15,
         output_dir="runs/world",
         checkpoint_every=250,
         keep_checkpoints=3,

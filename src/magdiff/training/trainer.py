@@ -53,7 +53,7 @@ from ..loading import model_load_errors
 from ..models.unet import MagDiffUNetModel, configure_trainable_parameters
 from ..pipelines.pipeline_magdiff import MagDiffPipeline, encode_tokens
 from ..sda import draw_slot_filling
-from .cache import TOKEN_FIELDS, EncodedClips, encode_clips, fingerprint
+from .cache import BACKGROUND_FIELDS, TOKEN_FIELDS, EncodedClips, add_background_slots, encode_clips, fingerprint
 from .checkpoint import (
     ExponentialMovingAverage,
     clean_checkpoint_folder,
@@ -171,13 +171,31 @@ def make_batch(
     )
     if config.subject_dropout > 0:  # image CFG: some clips train with every slot empty (drawn only when asked)
         filled[torch.rand(batch_size, generator=generator) < config.subject_dropout] = False
+    keep_background = None
+    if config.slot_fill_background_probability > 0:  # keep-background edits: every slot is the frame minus its subject
+        if not clips.has_background:
+            raise MagDiffInputError(
+                "slot_fill_background_probability > 0 needs the cache's background slots; they are added when the "
+                "run starts (delete the cache to rebuild it)."
+            )
+        keep_background = torch.rand(batch_size, generator=generator) < config.slot_fill_background_probability
+        filled[keep_background] = True
     if config.subject_image == "none":  # the text-only baseline: the same draws, every slot left empty
         filled[:] = False
     filled = filled.to(device)
-    embeds = torch.where(filled[:, :, None, None], clips.slot_embeds[at].float(), clips.empty_embeds.float())
+    slot_embeds, slot_pyramid = clips.slot_embeds[at], [level[at] for level in clips.slot_pyramid]
+    if keep_background is not None and bool(keep_background.any()):
+        assert clips.background_embeds is not None and clips.background_pyramid is not None
+        rows_bg = keep_background.to(device)
+        slot_embeds = torch.where(rows_bg[:, None, None, None], clips.background_embeds[at], slot_embeds)
+        slot_pyramid = [
+            torch.where(rows_bg[:, None, None, None, None], background[at], level)
+            for background, level in zip(clips.background_pyramid, slot_pyramid)
+        ]
+    embeds = torch.where(filled[:, :, None, None], slot_embeds.float(), clips.empty_embeds.float())
     pyramid = []
-    for slot_level, empty_level in zip(clips.slot_pyramid, clips.empty_pyramid):
-        level = torch.where(filled[:, :, None, None, None], slot_level[at].float(), empty_level.float())
+    for slot_level, empty_level in zip(slot_pyramid, clips.empty_pyramid):
+        level = torch.where(filled[:, :, None, None, None], slot_level.float(), empty_level.float())
         pyramid.append(level.permute(0, 2, 1, 3, 4))  # (b, c, F, h_s, w_s)
     noise_seed = int(torch.randint(0, 2**62, (), generator=generator))
     noise = torch.randn(latents.shape, generator=torch.Generator(device).manual_seed(noise_seed), device=device)
@@ -430,11 +448,16 @@ def load_or_build_cache(
     needed = (TOKEN_FIELDS if config.train_text_encoder else ()) + (
         ("subject_masks",) if config.subject_loss_weight > 0 else ()
     )
+    background = config.slot_fill_background_probability > 0
     stale = path.is_file() and not EncodedClips.file_has(path, needed)
     if accelerator.is_main_process and (stale or not path.is_file()):  # caches from before token ids/masks were stored
         source = _ReadAhead(dataset, num_samples, config) if config.num_workers else dataset
-        clips = encode_clips(pipeline, source, num_samples, config.resolution, expected, progress, subject_image)
+        clips = encode_clips(
+            pipeline, source, num_samples, config.resolution, expected, progress, subject_image, background
+        )
         clips.save(path)
+    elif accelerator.is_main_process and background and not EncodedClips.file_has(path, BACKGROUND_FIELDS):
+        add_background_slots(path, pipeline, dataset, config.resolution, progress)  # the rest of the cache stays
     accelerator.wait_for_everyone()
     return EncodedClips.load(path)
 
@@ -569,7 +592,10 @@ class StreamedClips:
         device = self.pipeline.vae.device
         on_device = [{**s, "frames": s["frames"].to(device), "masks": s["masks"].to(device)} for s in samples]
         # on the CPU, where the cache is read too
-        local = encode_clips(self.pipeline, on_device, len(samples), config.resolution, "", False, self._subject_image)
+        background = config.slot_fill_background_probability > 0
+        local = encode_clips(
+            self.pipeline, on_device, len(samples), config.resolution, "", False, self._subject_image, background
+        )
         # The global batch's rows: this process's clips in its rows (the others' rows are drawn, then dropped).
         index = torch.zeros(config.batch_size * world_size, dtype=torch.long)
         index[rank * config.batch_size : (rank + 1) * config.batch_size] = torch.arange(len(samples))
