@@ -15,7 +15,8 @@
 # FOUNDATIONS=packaged skips steps 1-2 and trains the U-Net on the VAE and world CLIP shipped in src/magdiff/assets
 # (the packaged VAE's encoder is the one of step 1's fifth phase, so its latents are those of step 1).
 # Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
-# re-running the script continues an interrupted build. A quick check that every step runs:
+# re-running the script continues an interrupted build; a finished U-Net stage trains on from its last checkpoint
+# when STEPS (BASE_STEPS) is raised. A quick check that every step runs:
 #   RUN=runs/smoke QUICK=1 INSTALL=0 bash scripts/build_default_model.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,14 @@ if [ "${QUICK:-0}" = 1 ]; then  # minutes, not hours: checks the plumbing, not t
 fi
 mkdir -p "$RUN"
 resume_flag() { if ls "$1"/step_* >/dev/null 2>&1; then echo --resume latest; fi; }
+# Whether a U-Net stage still has steps to train: no export yet, or an export whose newest checkpoint is short of
+# STEPS (raise STEPS to continue a finished run from its last checkpoint).
+needs_steps() {  # needs_steps OUTPUT_DIR STEPS
+  [ -f "$1/model/model_index.json" ] || return 0
+  local last
+  last=$(find "$1/checkpoints" -maxdepth 1 -name 'step_*' 2>/dev/null | sed 's/.*step_0*//' | sort -n | tail -1)
+  [ -n "$last" ] && [ "$last" -lt "$2" ]
+}
 
 if [ "$FOUNDATIONS" = packaged ]; then
   VAE_DIR=src/magdiff/assets/world_vae VAE_DECODER_DIR=src/magdiff/assets/world_vae CLIP_DIR=src/magdiff/assets/world_clip
@@ -109,16 +118,16 @@ train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
 # BASE_STEPS=0: no base; MagDiff is trained from scratch in one stage, 20% of its clips with every slot empty
 # (text-to-video and image guidance's unconditional branch), the rest filled the paper's way.
 if [ "$BASE_STEPS" = 0 ]; then
-  if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
+  if needs_steps "$RUN/magdiff" "$STEPS"; then
     train_stage "$RUN/magdiff" "$STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
       --set num_train_samples="$CLIPS" --set subject_dropout=0.2
   fi
 else
-  if [ ! -f "$RUN/base/model/model_index.json" ]; then
+  if needs_steps "$RUN/base" "$BASE_STEPS"; then
     train_stage "$RUN/base" "$BASE_STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
       --set num_train_samples="$CLIPS" --set subject_image=none
   fi
-  if [ ! -f "$RUN/magdiff/model/model_index.json" ]; then
+  if needs_steps "$RUN/magdiff" "$STEPS"; then
     train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \
       --set image_encoder_view=crop --set image_encoder="$CLIP_DIR/image_encoder" \
       --set num_train_samples="$CLIPS" --set subject_dropout=0.1 --set cache_dir="$RUN/base/cache"
