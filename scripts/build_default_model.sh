@@ -125,7 +125,7 @@ if [ "$BASE_STEPS" = 0 ]; then
 else
   if needs_steps "$RUN/base" "$BASE_STEPS"; then
     train_stage "$RUN/base" "$BASE_STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
-      --set num_train_samples="$CLIPS" --set subject_image=none
+      --set num_train_samples="$CLIPS" --set subject_image=none --set slot_fill_background_probability=0
   fi
   if needs_steps "$RUN/magdiff" "$STEPS"; then
     train_stage "$RUN/magdiff" "$STEPS" --set model="$RUN/base/model" --set new_subject_parts=true \

@@ -45,7 +45,8 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "text-only": Variant(
-        "text only: every subject slot empty", {"subject_image": "none", "apa": "fixed", "hfa": "off"}
+        "text only: every subject slot empty",
+        {"subject_image": "none", "apa": "fixed", "hfa": "off", "slot_fill_background_probability": 0.0},
     ),
     "sda": Variant(
         "+ SDA: segmented subject, fixed weights (a_img = a_txt = 1), no HFA", {"apa": "fixed", "hfa": "off"}
@@ -54,7 +55,8 @@ VARIANTS: dict[str, Variant] = {
     "full": Variant("+ HFA: 1x/1.25x/1.5x pyramid (the full MagDiff)", {"apa": "learned", "hfa": "pyramid"}),
     "whole-image": Variant(
         "full, but the subject is the whole frame, not the cut-out",
-        {"apa": "learned", "hfa": "pyramid", "subject_image": "whole"},
+        # (keep-background edits need the cut-out's complement: not trained with whole frames)
+        {"apa": "learned", "hfa": "pyramid", "subject_image": "whole", "slot_fill_background_probability": 0.0},
         subject_input="whole",
     ),
     "fixed-apa": Variant("full, but fixed APA weights", {"apa": "fixed", "hfa": "pyramid"}),
