@@ -249,7 +249,7 @@ class TrainConfig:
             (
                 self.slot_fill_background_probability == 0.0 or self.subject_image == "segmented",
                 "slot_fill_background_probability needs subject_image: segmented (the background slots are the "
-                "complement of the subject's mask)",
+                "complement of the subject's mask); set slot_fill_background_probability=0 for other slots",
             ),
             (self.prediction_type in ("epsilon", "v_prediction"), "prediction_type must be epsilon or v_prediction"),
             (self.trainable in ("magdiff", "all"), "trainable must be 'magdiff' or 'all'"),
