@@ -64,6 +64,17 @@ def test_the_export_holds_the_ema_weights(run):
     assert MagDiffPipeline.from_pretrained(run["export"]).unet.config.block_out_channels == [16, 32]
 
 
+def test_the_export_records_the_clip_length_it_was_trained_on(run):
+    """A model without a trajectory head still denoises long videos in windows of its training clips' length, not
+    of its motion modules' (which are longer: positions it never saw)."""
+    pipe = MagDiffPipeline.from_pretrained(run["export"])
+    assert pipe.trajectory is None and pipe.max_num_frames > TINY["num_frames"]
+    assert pipe.unet.config["_trained_frames"] == TINY["num_frames"]
+    assert pipe.trained_num_frames == pipe.default_context_length == TINY["num_frames"]
+    pipe.unet.register_to_config(_trained_frames=None)  # a model from elsewhere: the motion modules' length
+    assert pipe.trained_num_frames is None and pipe.default_context_length == pipe.max_num_frames
+
+
 def test_validation_during_training_runs_the_pipeline_and_writes_its_log_and_preview(run):
     records = [json.loads(line) for line in (run["root"] / "validation_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [2]  # validate_every=2 of 2 steps

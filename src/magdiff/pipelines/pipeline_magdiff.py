@@ -205,10 +205,17 @@ class MagDiffPipeline(DiffusionPipeline):
         return None if self.trajectory is None else trained_path_length(self.trajectory)
 
     @property
+    def trained_num_frames(self) -> int | None:
+        """The clip length the U-Net was trained on, as its export recorded it (the config's ``_trained_frames``),
+        else as the trajectory head records it; ``None`` where neither does (a model from elsewhere)."""
+        recorded = self.unet.config.get("_trained_frames")
+        return int(recorded) if isinstance(recorded, int) else self.trajectory_frames
+
+    @property
     def default_context_length(self) -> int:
         """Frames per temporal window of a long video (``context_length``'s default): the clip length the model was
-        trained on as its trajectory head records it, else its motion modules' length; never more than the latter."""
-        trained = self.trajectory_frames
+        trained on (:attr:`trained_num_frames`), else its motion modules' length; never more than the latter."""
+        trained = self.trained_num_frames
         return self.max_num_frames if trained is None else min(trained, self.max_num_frames)
 
     def check_context(self, context_length: int, context_stride: int) -> None:

@@ -866,9 +866,9 @@ def train(config: TrainConfig, *, resume: str | None = None, progress: bool = Tr
     if sharded:
         state = whole_weights(trained, ema, scalars)  # every process takes part; the main process gets them
         if accelerator.is_main_process:
-            export_pipeline(*unsharded_copy(pipeline, trained, state), None, export_dir)
+            export_pipeline(*unsharded_copy(pipeline, trained, state), None, export_dir, config.num_frames)
     elif accelerator.is_main_process:
-        export_pipeline(pipeline, trained, ema, export_dir)
+        export_pipeline(pipeline, trained, ema, export_dir, config.num_frames)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
@@ -1044,11 +1044,19 @@ def _restore(trained: nn.Module, raw: dict[str, torch.Tensor] | None) -> None:
 
 
 def export_pipeline(
-    pipeline: MagDiffPipeline, trained: nn.Module, ema: ExponentialMovingAverage | None, directory: Path
+    pipeline: MagDiffPipeline,
+    trained: nn.Module,
+    ema: ExponentialMovingAverage | None,
+    directory: Path,
+    num_frames: int | None = None,
 ) -> Path:
-    """Save the pipeline with the trained weights (the EMA ones when EMA is on); ``trained`` is part of it."""
+    """Save the pipeline with the trained weights (the EMA ones when EMA is on); ``trained`` is part of it.
+    ``num_frames``, the training clips' length, is recorded in the U-Net's config (``_trained_frames``): the
+    pipeline's temporal window for long videos (:attr:`MagDiffPipeline.default_context_length`)."""
     from ..pipelines.assembly import save_pipeline_atomically
 
+    if num_frames is not None:
+        pipeline.unet.register_to_config(_trained_frames=int(num_frames))
     raw = _with_ema(trained, ema)
     try:
         trained.eval()
