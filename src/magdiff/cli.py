@@ -211,7 +211,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"cached the encoded training clips in {cache}")
         return
     export = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {last_logged_step(config.output_dir)} steps; model written to {export}")
+    step = last_logged_step(config.output_dir)  # None: a run resumed from checkpoints copied without their log
+    print(f"{'' if step is None else f'trained {step} steps; '}model written to {export}")
 
 
 def cmd_train_trajectory(args: argparse.Namespace) -> None:
