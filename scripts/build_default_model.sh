@@ -154,8 +154,7 @@ $PY scripts/merge_world_benchmark.py "$RUN/benchmark_0.json" "$RUN/benchmark_$HA
 
 # 7. Install.
 if [ "$INSTALL" = 1 ]; then
-  rm -rf src/magdiff/assets/default_model
-  cp -r "$MODEL" src/magdiff/assets/default_model
+  $PY scripts/install_default_model.py "$MODEL"  # with the default sampler: UniPC, 15 steps
   if [ "$FOUNDATIONS" = train ]; then
     rm -rf src/magdiff/assets/world_vae src/magdiff/assets/world_clip
     cp -r "$VAE_DECODER_DIR" src/magdiff/assets/world_vae
