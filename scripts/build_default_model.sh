@@ -12,6 +12,9 @@
 #   5. the trajectory head (prompt -> the subject's path) on the world's 8-frame paths
 #   6. the world benchmark on 200 held-out clips, two shards in parallel, merged
 #   7. copy the exported pipeline into the package (INSTALL=0 leaves the package alone)
+# INIT=MODEL_DIR FIRST=N (with BASE_STEPS=0) continues a trained model's U-Net on world clips N.. (first_train_sample)
+# instead of starting from scratch: how the next default model is carried from one machine to the next
+# (docs/default_model/run4/model holds the weights of the run in progress; its optimizer state is not kept, the warm-up restarts).
 # FOUNDATIONS=packaged skips steps 1-2 and trains the U-Net on the VAE and world CLIP shipped in src/magdiff/assets
 # (the packaged VAE's encoder is the one of step 1's fifth phase, so its latents are those of step 1).
 # Every step is skipped when its output exists, and the training steps continue from their last checkpoint, so
@@ -28,6 +31,8 @@ STEPS=${STEPS:-8000}
 BENCH=${BENCH:-200}
 INSTALL=${INSTALL:-1}
 FOUNDATIONS=${FOUNDATIONS:-train}
+INIT=${INIT:-}
+FIRST=${FIRST:-0}
 case "$FOUNDATIONS" in train | packaged) ;; *) echo "FOUNDATIONS must be train or packaged" >&2; exit 2 ;; esac
 VAE_PHASES=(1000 4000 3000)  # whole frames from scratch, 32 px crops, whole frames again
 DECODER_STEPS=12000
@@ -119,7 +124,9 @@ train_stage() {  # train_stage OUTPUT_DIR STEPS --set ...
 # (text-to-video and image guidance's unconditional branch), the rest filled the paper's way.
 if [ "$BASE_STEPS" = 0 ]; then
   if needs_steps "$RUN/magdiff" "$STEPS"; then
-    train_stage "$RUN/magdiff" "$STEPS" --set vae="$VAE_DIR" --set clip="$CLIP_DIR" \
+    START=(--set vae="$VAE_DIR" --set clip="$CLIP_DIR")
+    if [ -n "$INIT" ]; then START=(--set model="$INIT"); fi
+    train_stage "$RUN/magdiff" "$STEPS" "${START[@]}" --set first_train_sample="$FIRST" \
       --set num_train_samples="$CLIPS" --set subject_dropout=0.2
   fi
 else

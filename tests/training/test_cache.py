@@ -241,3 +241,16 @@ def test_a_batch_is_gathered_from_the_clips_and_is_the_same_for_the_same_generat
     torch.testing.assert_close(batch.latents, clips.latents[batch.clip_indices].float(), rtol=0, atol=0)
     other = trainer.make_batch(clips, config, torch.Generator().manual_seed(4), 1000)
     assert not torch.equal(batch.noise, other.noise)
+
+
+def test_a_shifted_world_reads_other_clips_and_gets_its_own_cache():
+    config = config_from_dict(TINY, get_preset("world-tiny"))
+    shifted = config_from_dict({**TINY, "first_train_sample": 2}, get_preset("world-tiny"))
+    longer = config_from_dict({**TINY, "num_train_samples": 4}, get_preset("world-tiny"))
+    first, second, four = (trainer.training_dataset(c) for c in (config, shifted, longer))
+    for index in range(2):  # the shifted clips are the plain world's clips 2 and 3
+        assert second[index]["caption"] == four[index + 2]["caption"]
+        assert torch.equal(second[index]["frames"], four[index + 2]["frames"])
+    assert not torch.equal(first[0]["frames"], second[0]["frames"])
+    pipeline = _pipeline()
+    assert trainer.cache_path(config, pipeline, first) != trainer.cache_path(shifted, pipeline, second)

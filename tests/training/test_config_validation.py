@@ -36,6 +36,8 @@ def nothing_runs(monkeypatch):
         ("num_validation_samples=0", "num_validation_samples must be >= 1"),
         ("validation_inference_steps=0", "validation_inference_steps must be >= 1"),
         ("warmup_steps=-1", "warmup_steps must be >= 0"),
+        ("first_train_sample=-1", "first_train_sample must be >= 0"),
+        ("first_train_sample=999999", "the world's held-out seeds start there"),
     ],
 )
 def test_bad_config_values_stop_the_command_before_any_work(tmp_path, capsys, nothing_runs, setting, phrase):

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..data.clips import CROP_MODES
+from ..data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
 from ..errors import MagDiffInputError
 from ..models.attention import APA_MODES
 from ..models.hfa import HFA_MODES
@@ -31,6 +32,8 @@ FRAME_STARTS = ("first", "random")
 MASK_MODES = ("require", "auto")
 #: The parameter groups ``learning_rates`` can name (``magdiff.training.trainer.parameter_group_name``).
 LEARNING_RATE_GROUPS = ("motion_modules", "spatial", "subject", "hfa", "other")
+#: How many training seeds the world has before its held-out ones.
+WORLD_TRAIN_SEEDS = EVAL_SEED_OFFSET - TRAIN_SEED_OFFSET
 
 
 @dataclass
@@ -49,6 +52,9 @@ class TrainConfig:
     """Square training size in pixels (multiple of the VAE factor)."""
     num_train_samples: int = 8000
     """Clips whose latents are cached (world: the training seeds 0..N-1; manifest: its first N entries)."""
+    first_train_sample: int = 0
+    """World only: the first training seed, so the clips are seeds ``first_train_sample .. + num_train_samples - 1``.
+    A continuation of a trained model (``model``) can read clips it has never seen instead of the same ones again."""
     # ------------------------------------------------------------------ reading the data
     data_mode: str = "cache"
     """``"cache"``: the frozen encoders run once over the clips and every step draws from the latent cache
@@ -234,6 +240,16 @@ class TrainConfig:
             (self.resolution > 0, "resolution must be positive"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
+            (
+                self.first_train_sample == 0 or self.dataset == "world",
+                "first_train_sample is for the world dataset (a manifest: list the entries you want instead)",
+            ),
+            (
+                self.first_train_sample >= 0
+                and (self.dataset != "world" or self.first_train_sample + self.num_train_samples <= WORLD_TRAIN_SEEDS),
+                f"first_train_sample must be >= 0 and first_train_sample + num_train_samples <= {WORLD_TRAIN_SEEDS} "
+                "(the world's held-out seeds start there)",
+            ),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive (or null: no budget)"),
             (0.0 <= self.text_dropout <= 1.0, "text_dropout must be in [0, 1]"),
             (

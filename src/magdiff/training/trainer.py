@@ -386,7 +386,7 @@ def training_dataset(config: TrainConfig, rank: int = 0, world_size: int = 1) ->
 
         return WorldDataset(
             config.num_train_samples,
-            seed_offset=TRAIN_SEED_OFFSET,
+            seed_offset=TRAIN_SEED_OFFSET + config.first_train_sample,
             config=WorldConfig(num_frames=config.num_frames, size=config.resolution),
         )
     sampling: dict[str, Any] = {
