@@ -69,6 +69,7 @@ __all__ = [
     "MOTIONS",
     "MOTION_DIRECTIONS",
     "MOTION_PHRASES",
+    "NUM_TRAIN_SEEDS",
     "SHAPES",
     "STRIPE_ORIENTATIONS",
     "SUBJECT_COLOURS",
@@ -93,6 +94,9 @@ TRAIN_SEED_OFFSET = 0
 
 EVAL_SEED_OFFSET = 1_000_000
 """First seed of the held-out evaluation split (evaluation sample ``i`` uses seed ``EVAL_SEED_OFFSET + i``)."""
+
+NUM_TRAIN_SEEDS = EVAL_SEED_OFFSET - TRAIN_SEED_OFFSET
+"""How many training seeds there are before the held-out ones: training never reads past them."""
 
 BACKGROUND_COLOURS: dict[str, RGB] = {
     "red": (210, 35, 35),

@@ -38,6 +38,7 @@ from ..data.user_style import UserStyleSet, user_style_subjects
 from ..data.world import (
     BACKGROUND_COLOURS,
     EVAL_SEED_OFFSET,
+    NUM_TRAIN_SEEDS,
     SUBJECT_COLOURS,
     TRAIN_SEED_OFFSET,
     WorldConfig,
@@ -73,7 +74,6 @@ LOG_NAME = "training_log.jsonl"
 RANDOM_CONTENT_TAG = 0x524E4443
 """First word of the seed sequences of :func:`random_content` (``default_rng([RANDOM_CONTENT_TAG, seed])``)."""
 
-_NUM_TRAIN_SEEDS = EVAL_SEED_OFFSET - TRAIN_SEED_OFFSET  # training seeds never reach the held-out split
 _PATTERN_STD = 2.0  # a subject whose pixel std (0-255, over its mask) exceeds this counts as patterned
 
 
@@ -408,7 +408,7 @@ class _TrainFrames:
         per_sample = min(self.config.frames_per_sample, self.world.num_frames)
         images, masks = [], []
         while len(images) < n - num_random:
-            sample = make_sample(TRAIN_SEED_OFFSET + self.next_seed % _NUM_TRAIN_SEEDS, self.world)
+            sample = make_sample(TRAIN_SEED_OFFSET + self.next_seed % NUM_TRAIN_SEEDS, self.world)
             self.next_seed += 1
             for f in self.rng.choice(self.world.num_frames, size=per_sample, replace=False):
                 images.append(sample["frames"][f])

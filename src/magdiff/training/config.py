@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..data.clips import CROP_MODES
-from ..data.world import EVAL_SEED_OFFSET, TRAIN_SEED_OFFSET
+from ..data.world import NUM_TRAIN_SEEDS
 from ..errors import MagDiffInputError
 from ..models.attention import APA_MODES
 from ..models.hfa import HFA_MODES
@@ -32,8 +32,6 @@ FRAME_STARTS = ("first", "random")
 MASK_MODES = ("require", "auto")
 #: The parameter groups ``learning_rates`` can name (``magdiff.training.trainer.parameter_group_name``).
 LEARNING_RATE_GROUPS = ("motion_modules", "spatial", "subject", "hfa", "other")
-#: How many training seeds the world has before its held-out ones.
-WORLD_TRAIN_SEEDS = EVAL_SEED_OFFSET - TRAIN_SEED_OFFSET
 
 
 @dataclass
@@ -246,8 +244,8 @@ class TrainConfig:
             ),
             (
                 self.first_train_sample >= 0
-                and (self.dataset != "world" or self.first_train_sample + self.num_train_samples <= WORLD_TRAIN_SEEDS),
-                f"first_train_sample must be >= 0 and first_train_sample + num_train_samples <= {WORLD_TRAIN_SEEDS} "
+                and (self.dataset != "world" or self.first_train_sample + self.num_train_samples <= NUM_TRAIN_SEEDS),
+                f"first_train_sample must be >= 0 and first_train_sample + num_train_samples <= {NUM_TRAIN_SEEDS} "
                 "(the world's held-out seeds start there)",
             ),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive (or null: no budget)"),
